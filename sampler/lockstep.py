@@ -1,0 +1,254 @@
+"""Two vLLM engines stepped together, one jointly drawn token per sequence and step.
+
+Per step, in this order:
+
+1. admit: queued pairs join both engines only while both can take them whole this step
+   (sequence slots, token budget for an unchunked prefill, and KV blocks reserved for the
+   pair's full length), so neither scheduler chunks, delays or preempts one of them;
+2. schedule both engines, and check they scheduled the same pairs the same way;
+3. run both forward passes; each keeps its own KV cache and is never re-run over a prefix;
+4. mix: align the theta rows to the teacher rows, compute q and draw one token per pair,
+   with one uniform number per pair taken in pair order from a seeded generator;
+5. force: each engine samples with every logit but the drawn token masked;
+6. update both schedulers; check both appended the drawn token and finished the same pairs.
+
+Any disagreement raises `LockstepError` with the details; there is no fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sampler.errors import LockstepError
+from sampler.mixing import MixingConfig, mix_and_draw
+from sampler.vllm_internals import SteppedEngine
+
+logger = logging.getLogger(__name__)
+
+#: Per-token columns recorded for every generated token, in this order.
+TRACE_COLUMNS = ("token_id", "alpha", "log_q", "log_teacher", "log_theta")
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """One sequence to generate: the caller's row index and both models' prompt ids."""
+
+    index: int
+    teacher_prompt_ids: list[int]
+    theta_prompt_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class PairTrace:
+    """A finished sequence: per-token columns (see TRACE_COLUMNS) and its finish reason."""
+
+    columns: np.ndarray
+    finish_reason: str
+
+
+@dataclass
+class _StepLog:
+    """Per-step rows, assembled into per-pair traces once at the end."""
+
+    pair_indices: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+
+    def traces(self, finish_reasons: dict[int, str]) -> dict[int, PairTrace]:
+        if not self.values:
+            return {}
+        indices = np.concatenate(self.pair_indices)
+        values = np.concatenate(self.values)
+        order = np.argsort(indices, kind="stable")
+        indices, values = indices[order], values[order]
+        starts = np.searchsorted(indices, list(finish_reasons), side="left")
+        ends = np.searchsorted(indices, list(finish_reasons), side="right")
+        return {pair: PairTrace(values[start:end], reason)
+                for (pair, reason), start, end in zip(finish_reasons.items(), starts, ends)}
+
+
+def _request_id(index: int) -> str:
+    return f"pair-{index}"
+
+
+class LockstepPair:
+    """Teacher and theta engines that generate the same token sequences together."""
+
+    def __init__(self, teacher: SteppedEngine, theta: SteppedEngine, vocab_size: int,
+                 stop_token_ids: list[int]):
+        self.teacher = teacher
+        self.theta = theta
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self.max_active = min(teacher.max_num_seqs, theta.max_num_seqs)
+
+    def blocks_needed(self, engine: SteppedEngine, prompt_length: int, max_tokens: int) -> int:
+        return math.ceil((prompt_length + max_tokens) / engine.block_size)
+
+    def capacity_error(self, request: PairRequest) -> str | None:
+        """Why this pair can never be admitted, even alone; None if it can."""
+        for role, engine, prompt in (("teacher", self.teacher, request.teacher_prompt_ids),
+                                     ("theta", self.theta, request.theta_prompt_ids)):
+            blocks = self.blocks_needed(engine, len(prompt), request.max_tokens)
+            if blocks > engine.num_kv_blocks:
+                return (f"{role} needs {blocks} KV-cache blocks for a {len(prompt)}-token prompt "
+                        f"plus {request.max_tokens} new tokens; the engine has "
+                        f"{engine.num_kv_blocks}")
+            if len(prompt) > engine.max_batched_tokens:
+                return (f"{role} prompt of {len(prompt)} tokens exceeds the engine's "
+                        f"max_num_batched_tokens ({engine.max_batched_tokens})")
+        return None
+
+    def generate(self, requests: list[PairRequest], config: MixingConfig, seed: int,
+                 show_progress: bool = True) -> dict[int, PairTrace]:
+        """Generate every request; returns traces keyed by request index."""
+        queue = deque(requests)
+        active: dict[str, PairRequest] = {}
+        reserved = {"teacher": 0, "theta": 0}
+        finish_reasons: dict[int, str] = {}
+        log = _StepLog()
+        generator: torch.Generator | None = None
+        progress = tqdm(total=len(requests), desc="mixed sampling", unit="seq",
+                        disable=not show_progress)
+        try:
+            while queue or active:
+                admitted = self._admit(queue, active, reserved)
+                teacher_plan, theta_plan = self._schedule_both(admitted)
+                self.teacher.execute(teacher_plan)
+                self.theta.execute(theta_plan)
+                teacher_logits, teacher_rows = self.teacher.pending_logits()
+                theta_logits, theta_rows = self.theta.pending_logits()
+                if generator is None:
+                    generator = torch.Generator(device=teacher_logits.device).manual_seed(seed)
+                tokens = self._mix_and_force(teacher_logits, teacher_rows, theta_logits,
+                                             theta_rows, config, generator, log)
+                finished = self._update_both(teacher_plan, theta_plan, tokens)
+                for request_id, reason in finished.items():
+                    request = active.pop(request_id)
+                    reserved["teacher"] -= self.blocks_needed(
+                        self.teacher, len(request.teacher_prompt_ids), request.max_tokens)
+                    reserved["theta"] -= self.blocks_needed(
+                        self.theta, len(request.theta_prompt_ids), request.max_tokens)
+                    finish_reasons[request.index] = reason
+                progress.update(len(finished))
+        except BaseException:
+            self._abort(list(active))
+            raise
+        finally:
+            progress.close()
+        return log.traces(finish_reasons)
+
+    def _admit(self, queue: deque[PairRequest], active: dict[str, PairRequest],
+               reserved: dict[str, int]) -> dict[str, PairRequest]:
+        """Add queued pairs to both engines while both can run them whole from this step."""
+        admitted: dict[str, PairRequest] = {}
+        prefill = {"teacher": 0, "theta": 0}
+        engines = {"teacher": self.teacher, "theta": self.theta}
+        while queue and len(active) < self.max_active:
+            request = queue[0]
+            prompts = {"teacher": request.teacher_prompt_ids, "theta": request.theta_prompt_ids}
+            fits = all(
+                reserved[role] + self.blocks_needed(engine, len(prompts[role]),
+                                                    request.max_tokens) <= engine.num_kv_blocks
+                and (len(active) - len(admitted)) + prefill[role] + len(prompts[role])
+                <= engine.max_batched_tokens
+                for role, engine in engines.items())
+            if not fits:
+                break
+            queue.popleft()
+            request_id = _request_id(request.index)
+            for role, engine in engines.items():
+                engine.add_request(request_id, prompts[role], request.max_tokens,
+                                   self.stop_token_ids)
+                reserved[role] += self.blocks_needed(engine, len(prompts[role]),
+                                                     request.max_tokens)
+                prefill[role] += len(prompts[role])
+            active[request_id] = request
+            admitted[request_id] = request
+        if not active:
+            raise LockstepError("no pair could be admitted into an empty engine pair")
+        return admitted
+
+    def _schedule_both(self, admitted: dict[str, PairRequest]) -> tuple[object, object]:
+        """Schedule both engines; raise unless both run exactly the same pairs, unchunked."""
+        teacher_plan, theta_plan = self.teacher.schedule(), self.theta.schedule()
+        teacher_new, teacher_running, teacher_preempted = self.teacher.describe_schedule(teacher_plan)
+        theta_new, theta_running, theta_preempted = self.theta.describe_schedule(theta_plan)
+        problems = []
+        if set(teacher_new) != set(admitted) or set(theta_new) != set(admitted):
+            problems.append(f"admitted {sorted(admitted)}, teacher started {sorted(teacher_new)}, "
+                            f"theta started {sorted(theta_new)}")
+        if set(teacher_running) != set(theta_running):
+            problems.append(f"running differ: teacher {sorted(teacher_running)}, "
+                            f"theta {sorted(theta_running)}")
+        for request_id, request in admitted.items():
+            if teacher_new.get(request_id) != len(request.teacher_prompt_ids) or \
+                    theta_new.get(request_id) != len(request.theta_prompt_ids):
+                problems.append(f"{request_id}: prefill chunked (teacher "
+                                f"{teacher_new.get(request_id)}/{len(request.teacher_prompt_ids)},"
+                                f" theta {theta_new.get(request_id)}/"
+                                f"{len(request.theta_prompt_ids)} tokens)")
+        chunked = {k: v for k, v in {**teacher_running, **theta_running}.items() if v != 1}
+        if chunked:
+            problems.append(f"running pairs scheduled for more than one token: {chunked}")
+        if teacher_preempted or theta_preempted:
+            problems.append(f"preempted: teacher {sorted(teacher_preempted)}, "
+                            f"theta {sorted(theta_preempted)}")
+        if problems:
+            raise LockstepError("engines scheduled different work: " + "; ".join(problems))
+        return teacher_plan, theta_plan
+
+    def _mix_and_force(self, teacher_logits: torch.Tensor, teacher_rows: list[str],
+                       theta_logits: torch.Tensor, theta_rows: list[str], config: MixingConfig,
+                       generator: torch.Generator, log: _StepLog) -> dict[str, int]:
+        """Draw one token per pair from q and force it in both engines; returns the tokens."""
+        if sorted(teacher_rows) != sorted(theta_rows):
+            raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
+        theta_position = {request_id: row for row, request_id in enumerate(theta_rows)}
+        teacher_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
+        device = teacher_logits.device
+        theta_for_teacher = torch.tensor([theta_position[r] for r in teacher_rows], device=device)
+        teacher_for_theta = torch.tensor([teacher_position[r] for r in theta_rows], device=device)
+        pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
+        rank_in_pair_order = torch.tensor(np.argsort(np.argsort(pair_indices)), device=device)
+        uniforms = torch.rand(len(teacher_rows), generator=generator, device=device)
+        draw = mix_and_draw(teacher_logits, theta_logits.to(device)[theta_for_teacher],
+                            self.vocab_size, config, uniforms[rank_in_pair_order])
+        self.teacher.sample_forced(draw.token_ids)
+        self.theta.sample_forced(draw.token_ids[teacher_for_theta])
+        values = torch.stack([draw.token_ids.double(), draw.alpha.double(), draw.log_q.double(),
+                              draw.log_teacher.double(), draw.log_theta.double()], dim=1).cpu()
+        log.pair_indices.append(pair_indices)
+        log.values.append(values.numpy())
+        return dict(zip(teacher_rows, values[:, 0].long().tolist()))
+
+    def _update_both(self, teacher_plan: object, theta_plan: object, tokens: dict[str, int]
+                     ) -> dict[str, str]:
+        """Update both schedulers; check they appended `tokens` and finished the same pairs."""
+        teacher_result = self.teacher.update(teacher_plan)
+        theta_result = self.theta.update(theta_plan)
+        expected = {request_id: [token] for request_id, token in tokens.items()}
+        if teacher_result.new_token_ids != expected or theta_result.new_token_ids != expected:
+            raise LockstepError(
+                f"engines appended other tokens than drawn: drawn {expected}, teacher "
+                f"{teacher_result.new_token_ids}, theta {theta_result.new_token_ids}")
+        if teacher_result.finish_reasons != theta_result.finish_reasons:
+            raise LockstepError(f"engines finished different pairs: teacher "
+                                f"{teacher_result.finish_reasons}, theta "
+                                f"{theta_result.finish_reasons}")
+        return teacher_result.finish_reasons
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Leave both engines empty after a failure, so the pair stays usable."""
+        for engine in (self.teacher, self.theta):
+            try:
+                engine.abort(request_ids)
+            except Exception:  # noqa: BLE001 - best effort after the real error
+                logger.exception("could not abort requests after a failed step")

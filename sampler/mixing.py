@@ -1,0 +1,218 @@
+"""The mixing distribution q ∝ θ^(1-α)·t^α, batched on whatever device the logits are on.
+
+One row is one sequence at one decode step. Per row, in this order:
+
+1. temperature: both models' logits are divided by T, then log-softmaxed over the shared
+   vocabulary (the first `vocab_size` columns; checkpoints may pad differently beyond it);
+2. alpha: the teacher's weight α from the configured method, clamped to
+   [alpha_min, alpha_max]; `kl_symmetry` and `ess_balance` solve a monotone equation by
+   safeguarded Newton (bisection whenever a Newton step leaves the bracket);
+3. mixture: log q = (1-α)·log θ + α·log t, normalised;
+4. support: the teacher's top-k / top-p set restricts q (others get probability 0) and q is
+   renormalised — after step 2, so the restriction does not bias α;
+5. draw: one token per row by inverse CDF, from one uniform number per row;
+6. record: α, log q(y), log t(y) and log θ(y) of the drawn token (tempered distributions,
+   i.e. those q was built from).
+
+Nothing here synchronises with the host except the Newton convergence check, made once
+after a few unconditional iterations and then once per extra iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sampler.errors import ConfigError
+
+ALPHA_METHODS = ("fixed", "kl_symmetry", "ess_balance", "entropy")
+NEWTON_STEPS_BEFORE_CHECK = 4
+
+
+@dataclass(frozen=True)
+class MixingConfig:
+    """How q is formed from the two models' logits."""
+
+    alpha_method: str = "kl_symmetry"
+    fixed_alpha: float = 0.5
+    alpha_min: float = 0.5
+    alpha_max: float = 1.0
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    tolerance: float = 1e-6
+    max_newton_steps: int = 60
+
+    def __post_init__(self) -> None:
+        if self.alpha_method not in ALPHA_METHODS:
+            raise ConfigError(
+                f"alpha_method: unknown method {self.alpha_method!r}; "
+                f"choose one of {', '.join(ALPHA_METHODS)}")
+        for name in ("alpha_min", "alpha_max", "fixed_alpha"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}: {value} is outside [0, 1]")
+        if self.alpha_min > self.alpha_max:
+            raise ConfigError(
+                f"alpha_min ({self.alpha_min}) is greater than alpha_max ({self.alpha_max})")
+        if not self.temperature > 0.0:
+            raise ConfigError(
+                f"temperature: {self.temperature} must be > 0 (a mixture of two greedy "
+                "distributions is undefined)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p: {self.top_p} is outside (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"top_k: {self.top_k} must be -1 (off) or a positive count")
+        if not self.tolerance > 0.0:
+            raise ConfigError(f"tolerance: {self.tolerance} must be > 0")
+
+
+@dataclass
+class MixedDraw:
+    """One drawn token per row and what the output records about it."""
+
+    token_ids: torch.Tensor
+    alpha: torch.Tensor
+    log_q: torch.Tensor
+    log_teacher: torch.Tensor
+    log_theta: torch.Tensor
+
+
+def tempered_log_probs(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """Log-softmax of logits / T over the first `vocab_size` columns, in float32."""
+    return torch.log_softmax(logits[:, :vocab_size].float() / temperature, dim=-1)
+
+
+def _kl_symmetry_gap(log_theta: torch.Tensor, log_ratio: torch.Tensor, alpha: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ(α) = E_q[log t − log θ] = KL(q‖θ) − KL(q‖t), and dΔ/dα = Var_q(log t − log θ)."""
+    log_q = torch.log_softmax(log_theta + alpha[:, None] * log_ratio, dim=-1)
+    q = log_q.exp()
+    mean = (q * log_ratio).sum(-1)
+    variance = (q * (log_ratio - mean[:, None]).square()).sum(-1)
+    return mean, variance
+
+
+def _tilted_mean(log_theta: torch.Tensor, log_ratio: torch.Tensor, s: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K(s) = log E_θ[e^{s·f}] and K'(s) = E_{p_s}[f], with p_s ∝ θ·e^{s·f}."""
+    tilted = log_theta + s[:, None] * log_ratio
+    log_norm = torch.logsumexp(tilted, dim=-1)
+    mean = ((tilted - log_norm[:, None]).exp() * log_ratio).sum(-1)
+    return log_norm, mean
+
+
+def _ess_gap(log_theta: torch.Tensor, log_ratio: torch.Tensor, alpha: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """h(α) = log Σθ²/q − log Σt²/q = K(−α) − K(2−α), and h'(α) = K'(2−α) − K'(−α) ≥ 0."""
+    k_low, mean_low = _tilted_mean(log_theta, log_ratio, -alpha)
+    k_high, mean_high = _tilted_mean(log_theta, log_ratio, 2.0 - alpha)
+    return k_low - k_high, mean_high - mean_low
+
+
+def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: torch.device,
+                           tolerance: float, max_steps: int) -> torch.Tensor:
+    """Root of a per-row increasing function on [lower, upper], clamped to the ends.
+
+    Safeguarded Newton: a step that leaves the current bracket is replaced by bisection,
+    and each evaluation narrows the bracket by the sign of the gap.
+    """
+    low = torch.full((rows,), lower, device=device)
+    high = torch.full((rows,), upper, device=device)
+    if lower == upper:
+        return low
+    gap_low, _ = gap(low)
+    gap_high, _ = gap(high)
+    at_low = gap_low >= 0
+    at_high = gap_high <= 0
+    done = at_low | at_high
+    span = (gap_high - gap_low).clamp_min(torch.finfo(torch.float32).tiny)
+    alpha = torch.where(done, torch.where(at_low, low, high), low - gap_low * (high - low) / span)
+    alpha = alpha.clamp(lower, upper)
+    for step in range(max_steps):
+        value, slope = gap(alpha)
+        high = torch.where(value > 0, alpha, high)
+        low = torch.where(value > 0, low, alpha)
+        newton = alpha - value / slope.clamp_min(1e-30)
+        inside = (newton > low) & (newton < high)
+        proposal = torch.where(inside, newton, 0.5 * (low + high))
+        converged = ((proposal - alpha).abs() <= tolerance) | ((high - low) <= tolerance)
+        alpha = torch.where(done, alpha, proposal)
+        done = done | converged
+        if step + 1 >= NEWTON_STEPS_BEFORE_CHECK and bool(done.all()):
+            break
+    return alpha
+
+
+def compute_alpha(log_teacher: torch.Tensor, log_theta: torch.Tensor, config: MixingConfig
+                  ) -> torch.Tensor:
+    """The teacher's weight α per row, clamped to [alpha_min, alpha_max]."""
+    rows, device = log_teacher.shape[0], log_teacher.device
+    if config.alpha_method == "fixed":
+        value = min(max(config.fixed_alpha, config.alpha_min), config.alpha_max)
+        return torch.full((rows,), value, device=device)
+    if config.alpha_method == "entropy":
+        entropy_theta = -(log_theta.exp() * log_theta).sum(-1)
+        entropy_teacher = -(log_teacher.exp() * log_teacher).sum(-1)
+        total = entropy_theta + entropy_teacher
+        alpha = torch.where(total > 0, entropy_theta / total.clamp_min(1e-30),
+                            torch.full_like(total, 0.5))
+        return alpha.clamp(config.alpha_min, config.alpha_max)
+    log_ratio = log_teacher - log_theta
+    equation = _kl_symmetry_gap if config.alpha_method == "kl_symmetry" else _ess_gap
+    return _solve_increasing_root(
+        lambda alpha: equation(log_theta, log_ratio, alpha), config.alpha_min,
+        config.alpha_max, rows, device, config.tolerance, config.max_newton_steps)
+
+
+def teacher_support_mask(log_teacher: torch.Tensor, top_k: int, top_p: float
+                         ) -> torch.Tensor | None:
+    """Tokens allowed by the teacher's top-k and top-p, or None when both are off."""
+    if top_k == -1 and top_p >= 1.0:
+        return None
+    keep = torch.ones_like(log_teacher, dtype=torch.bool)
+    if top_k != -1 and top_k < log_teacher.shape[-1]:
+        kth = torch.topk(log_teacher, top_k, dim=-1).values[:, -1:]
+        keep &= log_teacher >= kth
+    if top_p < 1.0:
+        sorted_log, order = torch.sort(log_teacher, dim=-1, descending=True)
+        mass_before = sorted_log.exp().cumsum(-1) - sorted_log.exp()
+        keep_sorted = mass_before < top_p
+        keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
+    return keep
+
+
+def mixture_log_probs(log_teacher: torch.Tensor, log_theta: torch.Tensor, alpha: torch.Tensor,
+                      config: MixingConfig) -> torch.Tensor:
+    """Normalised log q for each row, restricted to the teacher's support if configured."""
+    mixed = (1.0 - alpha[:, None]) * log_theta + alpha[:, None] * log_teacher
+    keep = teacher_support_mask(log_teacher, config.top_k, config.top_p)
+    if keep is not None:
+        mixed = mixed.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def draw_from_log_probs(log_q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one token per row; `uniforms` holds one number in [0, 1) per row."""
+    cdf = log_q.exp().cumsum(-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(log_q.shape[-1] - 1)
+
+
+def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,
+                 config: MixingConfig, uniforms: torch.Tensor) -> MixedDraw:
+    """Steps 1–6 of the module docstring for a batch of aligned rows."""
+    log_teacher = tempered_log_probs(teacher_logits, vocab_size, config.temperature)
+    log_theta = tempered_log_probs(theta_logits, vocab_size, config.temperature)
+    alpha = compute_alpha(log_teacher, log_theta, config)
+    log_q = mixture_log_probs(log_teacher, log_theta, alpha, config)
+    tokens = draw_from_log_probs(log_q, uniforms)
+    picked = tokens[:, None]
+    return MixedDraw(
+        token_ids=tokens,
+        alpha=alpha,
+        log_q=log_q.gather(1, picked).squeeze(1),
+        log_teacher=log_teacher.gather(1, picked).squeeze(1),
+        log_theta=log_theta.gather(1, picked).squeeze(1),
+    )

@@ -1,0 +1,181 @@
+"""The mixing math against the float64 reference, on random distribution pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sampler.errors import ConfigError
+from sampler.mixing import (ALPHA_METHODS, MixingConfig, compute_alpha, draw_from_log_probs,
+                            mix_and_draw, mixture_log_probs, tempered_log_probs)
+from sampler.reference import reference_alpha, reference_mixture
+from scipy.special import logsumexp
+
+VOCAB = 300
+
+
+def random_pairs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logit pairs of every kind: flat, peaked (scale up to 12), and nearly identical."""
+    rng = np.random.default_rng(seed)
+    rows = 96
+    scale = rng.uniform(0.1, 12.0, size=(rows, 1))
+    teacher = rng.normal(size=(rows, VOCAB)) * scale
+    theta = rng.normal(size=(rows, VOCAB)) * rng.uniform(0.1, 12.0, size=(rows, 1))
+    theta[:16] = teacher[:16] + rng.normal(size=(16, VOCAB)) * 1e-3
+    theta[16:24] = teacher[16:24] * 1.05
+    return teacher, theta
+
+
+def log_normalise(logits: np.ndarray) -> np.ndarray:
+    return logits - logsumexp(logits, axis=1, keepdims=True)
+
+
+def engine_side(teacher: np.ndarray, theta: np.ndarray, config: MixingConfig):
+    log_teacher = tempered_log_probs(torch.tensor(teacher, dtype=torch.float32), VOCAB,
+                                     config.temperature)
+    log_theta = tempered_log_probs(torch.tensor(theta, dtype=torch.float32), VOCAB,
+                                   config.temperature)
+    alpha = compute_alpha(log_teacher, log_theta, config)
+    return alpha, mixture_log_probs(log_teacher, log_theta, alpha, config)
+
+
+def log_ratio_variance(log_teacher: np.ndarray, log_theta: np.ndarray, alpha: float) -> float:
+    log_q = reference_mixture(log_teacher, log_theta, alpha)
+    ratio = log_teacher - log_theta
+    q = np.exp(log_q)
+    return float(np.sum(q * (ratio - np.sum(q * ratio)) ** 2))
+
+
+@pytest.mark.parametrize("method", ALPHA_METHODS)
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (0.5, 1.0), (0.2, 0.6)])
+def test_alpha_and_mixture_match_float64_reference(method, bounds):
+    teacher, theta = random_pairs(seed=7)
+    config = MixingConfig(alpha_method=method, alpha_min=bounds[0], alpha_max=bounds[1],
+                          fixed_alpha=0.3)
+    alpha, log_q = engine_side(teacher, theta, config)
+    log_teacher, log_theta = log_normalise(teacher), log_normalise(theta)
+    expected = np.array([reference_alpha(log_teacher[i], log_theta[i], method, *bounds, 0.3)
+                         for i in range(len(teacher))])
+    expected_q = np.stack([np.exp(reference_mixture(log_teacher[i], log_theta[i], expected[i]))
+                           for i in range(len(teacher))])
+    # In float32, log t and log θ carry rounding errors of about ε·|log p|, so Δ(α) does
+    # too, and α moves by that over the slope Var_q(log t − log θ): allow 1e-5 plus four
+    # times that bound per row (tokens with q < 1e-8 do not weigh in Δ).
+    weighty = expected_q > 1e-8
+    log_ratio = np.where(weighty, np.maximum(np.abs(log_teacher), np.abs(log_theta)), 0).max(1)
+    variance = np.array([log_ratio_variance(log_teacher[i], log_theta[i], expected[i])
+                         for i in range(len(teacher))])
+    bound = 1e-5 + 4 * 1.2e-7 * log_ratio / np.maximum(variance, 1e-30)
+    alpha_error = np.abs(alpha.numpy().astype(np.float64) - expected)
+    assert np.all(alpha_error <= bound), (alpha_error - bound).max()
+    assert np.mean(alpha_error < 1e-4) > 0.8
+    assert np.all((alpha.numpy() >= bounds[0] - 1e-7) & (alpha.numpy() <= bounds[1] + 1e-7))
+    q_error = np.abs(np.exp(log_q.numpy().astype(np.float64)) - expected_q).max()
+    assert q_error < 2e-4, q_error
+
+
+def test_kl_symmetry_root_equalises_both_kls():
+    teacher, theta = random_pairs(seed=11)
+    alpha, log_q = engine_side(teacher, theta, MixingConfig(alpha_min=0.0, alpha_max=1.0))
+    log_teacher, log_theta = log_normalise(teacher), log_normalise(theta)
+    for row in range(24, len(teacher)):
+        log_q64 = reference_mixture(log_teacher[row], log_theta[row], float(alpha[row]))
+        q = np.exp(log_q64)
+        kl_theta = np.sum(q * (log_q64 - log_theta[row]))
+        kl_teacher = np.sum(q * (log_q64 - log_teacher[row]))
+        assert abs(kl_theta - kl_teacher) < 1e-4 * max(1.0, kl_theta)
+
+
+def test_ess_balance_root_really_balances():
+    """Σθ²/q = Σt²/q at the returned α (the seed's bisection converged to an endpoint)."""
+    teacher, theta = random_pairs(seed=13)
+    config = MixingConfig(alpha_method="ess_balance", alpha_min=0.0, alpha_max=1.0)
+    alpha, _ = engine_side(teacher, theta, config)
+    log_teacher, log_theta = log_normalise(teacher), log_normalise(theta)
+    interior = 0
+    for row in range(24, len(teacher)):
+        a = float(alpha[row])
+        log_q = reference_mixture(log_teacher[row], log_theta[row], a)
+        gap = logsumexp(2 * log_theta[row] - log_q) - logsumexp(2 * log_teacher[row] - log_q)
+        assert abs(gap) < 1e-3, (row, a, gap)
+        interior += 0.01 < a < 0.99
+    assert interior >= 50
+
+
+def test_nearly_identical_models_give_nearly_their_common_distribution():
+    teacher, theta = random_pairs(seed=17)
+    for method in ALPHA_METHODS:
+        _, log_q = engine_side(teacher[:16], theta[:16], MixingConfig(alpha_method=method,
+                                                                       alpha_min=0.0))
+        difference = np.abs(np.exp(log_q.numpy()) - np.exp(log_normalise(teacher[:16]))).max()
+        assert difference < 1e-3
+
+
+def test_alpha_is_clamped_to_the_configured_range():
+    teacher, theta = random_pairs(seed=19)
+    alpha, _ = engine_side(teacher, theta, MixingConfig(alpha_min=0.7, alpha_max=0.7))
+    assert torch.all(alpha == 0.7)
+    unclamped, _ = engine_side(teacher, theta, MixingConfig(alpha_min=0.0, alpha_max=1.0))
+    clamped, _ = engine_side(teacher, theta, MixingConfig(alpha_min=0.45, alpha_max=0.55))
+    assert torch.allclose(clamped, unclamped.clamp(0.45, 0.55), atol=2e-5)
+
+
+def test_temperature_is_applied_to_both_models_before_alpha():
+    teacher, theta = random_pairs(seed=23)
+    config = MixingConfig(alpha_min=0.0, temperature=2.5)
+    alpha, log_q = engine_side(teacher, theta, config)
+    log_teacher, log_theta = log_normalise(teacher / 2.5), log_normalise(theta / 2.5)
+    for row in range(24, 40):
+        expected = reference_alpha(log_teacher[row], log_theta[row], "kl_symmetry", 0.0, 1.0)
+        assert abs(float(alpha[row]) - expected) < 2e-5
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (-1, 0.8), (20, 0.5)])
+def test_teacher_support_restricts_q_after_alpha(top_k, top_p):
+    teacher, theta = random_pairs(seed=29)
+    config = MixingConfig(alpha_min=0.0, top_k=top_k, top_p=top_p)
+    alpha, log_q = engine_side(teacher, theta, config)
+    free_alpha, _ = engine_side(teacher, theta, MixingConfig(alpha_min=0.0))
+    assert torch.equal(alpha, free_alpha)
+    log_teacher, log_theta = log_normalise(teacher), log_normalise(theta)
+    for row in range(24, 48):
+        expected = np.exp(reference_mixture(log_teacher[row], log_theta[row], float(alpha[row]),
+                                            top_k, top_p))
+        assert np.abs(np.exp(log_q[row].numpy()) - expected).max() < 2e-4
+        if top_k != -1:
+            assert (expected > 0).sum() <= top_k
+
+
+def test_inverse_cdf_draw_follows_the_distribution_and_skips_zero_mass():
+    probabilities = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    log_q = probabilities.log()
+    uniforms = torch.tensor([0.05, 0.1, 0.15, 0.69, 0.71, 0.999])
+    tokens = draw_from_log_probs(log_q.expand(len(uniforms), -1), uniforms)
+    assert tokens.tolist() == [0, 2, 2, 2, 3, 3]
+
+
+def test_draws_use_only_the_shared_vocabulary_of_differently_padded_models():
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(64, 320, generator=generator)
+    theta = torch.randn(64, 310, generator=generator)
+    teacher[:, VOCAB:] = 50.0
+    theta[:, VOCAB:] = 50.0
+    draw = mix_and_draw(teacher, theta, VOCAB, MixingConfig(),
+                        torch.rand(64, generator=generator))
+    assert int(draw.token_ids.max()) < VOCAB
+    assert torch.all(draw.log_q <= 0) and torch.all(torch.isfinite(draw.log_q))
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("alpha_method", {"alpha_method": "magic"}),
+    ("alpha_min", {"alpha_min": 0.8, "alpha_max": 0.6}),
+    ("alpha_max", {"alpha_max": 1.5}),
+    ("alpha_min", {"alpha_min": -0.1}),
+    ("temperature", {"temperature": 0.0}),
+    ("top_p", {"top_p": 0.0}),
+    ("top_k", {"top_k": 0}),
+])
+def test_bad_settings_are_refused_with_the_field_named(field, kwargs):
+    with pytest.raises(ConfigError, match=field):
+        MixingConfig(**kwargs)
