@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from sampler.errors import ConfigError, IncompatibleModelsError
+from sampler.errors import ConfigError
 from sampler.lockstep import LockstepPair, PairRequest, PairTrace
 from sampler.mixing import MixingConfig
 from sampler.prompts import (PromptFormat, check_same_tokenizer, load_tokenizer,
                              render_prompt_ids, stop_token_ids)
-from sampler.vllm_internals import SteppedEngine, build_llm
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +101,9 @@ class OptimalSamplingV1:
                       **(theta_engine_kwargs or {})}
         for args in (teacher_args, theta_args):
             args.setdefault("max_num_batched_tokens", max(8192, args.get("max_model_len") or 0))
-        logger.info("building teacher engine for %s", self.model_teacher)
-        teacher = SteppedEngine(build_llm(self.model_teacher, teacher_args))
-        logger.info("building theta engine for %s", self.model_theta)
-        theta = SteppedEngine(build_llm(self.model_theta, theta_args))
-        vocab_size = len(self.tokenizer)
-        for role, engine in (("teacher", teacher), ("theta", theta)):
-            if engine.logits_width < vocab_size:
-                raise IncompatibleModelsError(
-                    f"model_{role}: {engine.logits_width} logits but the tokenizer has "
-                    f"{vocab_size} tokens")
-        self.pair = LockstepPair(teacher, theta, vocab_size, self.stop_token_ids)
+        self.pair = LockstepPair.from_models(self.model_teacher, self.model_theta,
+                                             len(self.tokenizer), self.stop_token_ids,
+                                             teacher_args, theta_args)
 
     def _row_requests(self, prompts: list[str], theta_prompts: list[str], max_tokens: int,
                       formats: tuple[PromptFormat, PromptFormat]

@@ -17,18 +17,21 @@ Any disagreement raises `LockstepError` with the details; there is no fallback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.errors import LockstepError
+from sampler.errors import IncompatibleModelsError, LockstepError
 from sampler.mixing import MixingConfig, mix_and_draw
-from sampler.vllm_internals import SteppedEngine
+from sampler.vllm_internals import SteppedEngine, build_llm
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,42 @@ class LockstepPair:
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self.max_active = min(teacher.max_num_seqs, theta.max_num_seqs)
+        self.tokens_checked = 0
+        self.steps_run = 0
+        self.phase_seconds: dict[str, float] | None = None
+
+    @classmethod
+    def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
+                    stop_token_ids: list[int], teacher_args: dict, theta_args: dict
+                    ) -> LockstepPair:
+        """Build both engines (teacher first); mix over `vocab_size` or both logit widths."""
+        logger.info("building teacher engine for %s", model_teacher)
+        teacher = SteppedEngine(build_llm(model_teacher, teacher_args))
+        logger.info("building theta engine for %s", model_theta)
+        theta = SteppedEngine(build_llm(model_theta, theta_args))
+        shared = min(teacher.logits_width, theta.logits_width)
+        if vocab_size is not None and vocab_size > shared:
+            raise IncompatibleModelsError(
+                f"the tokenizer has {vocab_size} tokens but the models give {teacher.logits_width}"
+                f" (teacher) and {theta.logits_width} (theta) logits")
+        return cls(teacher, theta, vocab_size or shared, stop_token_ids)
+
+    def enable_phase_timing(self) -> None:
+        """Time each phase of every step (synchronising the device: for profiling only)."""
+        self.phase_seconds = {}
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, device: torch.device | None = None) -> Iterator[None]:
+        if self.phase_seconds is None:
+            yield
+            return
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
     def blocks_needed(self, engine: SteppedEngine, prompt_length: int, max_tokens: int) -> int:
         return math.ceil((prompt_length + max_tokens) / engine.block_size)
@@ -107,8 +146,13 @@ class LockstepPair:
         return None
 
     def generate(self, requests: list[PairRequest], config: MixingConfig, seed: int,
-                 show_progress: bool = True) -> dict[int, PairTrace]:
-        """Generate every request; returns traces keyed by request index."""
+                 show_progress: bool = True, stop_token_ids: list[int] | None = None
+                 ) -> dict[int, PairTrace]:
+        """Generate every request; returns traces keyed by request index.
+
+        `stop_token_ids` replaces the pair's stop tokens for this call ([] ignores EOS).
+        """
+        stops = self.stop_token_ids if stop_token_ids is None else stop_token_ids
         queue = deque(requests)
         active: dict[str, PairRequest] = {}
         reserved = {"teacher": 0, "theta": 0}
@@ -118,18 +162,24 @@ class LockstepPair:
         progress = tqdm(total=len(requests), desc="mixed sampling", unit="seq",
                         disable=not show_progress)
         try:
+            device = self.teacher.device
             while queue or active:
-                admitted = self._admit(queue, active, reserved)
-                teacher_plan, theta_plan = self._schedule_both(admitted)
-                self.teacher.execute(teacher_plan)
-                self.theta.execute(theta_plan)
+                with self._phase("schedule"):
+                    admitted = self._admit(queue, active, reserved, stops)
+                    teacher_plan, theta_plan = self._schedule_both(admitted)
+                with self._phase("teacher_forward", device):
+                    self.teacher.execute(teacher_plan)
+                with self._phase("theta_forward", device):
+                    self.theta.execute(theta_plan)
                 teacher_logits, teacher_rows = self.teacher.pending_logits()
                 theta_logits, theta_rows = self.theta.pending_logits()
                 if generator is None:
                     generator = torch.Generator(device=teacher_logits.device).manual_seed(seed)
                 tokens = self._mix_and_force(teacher_logits, teacher_rows, theta_logits,
                                              theta_rows, config, generator, log)
-                finished = self._update_both(teacher_plan, theta_plan, tokens)
+                with self._phase("update"):
+                    finished = self._update_both(teacher_plan, theta_plan, tokens)
+                self.steps_run += 1
                 for request_id, reason in finished.items():
                     request = active.pop(request_id)
                     reserved["teacher"] -= self.blocks_needed(
@@ -146,7 +196,7 @@ class LockstepPair:
         return log.traces(finish_reasons)
 
     def _admit(self, queue: deque[PairRequest], active: dict[str, PairRequest],
-               reserved: dict[str, int]) -> dict[str, PairRequest]:
+               reserved: dict[str, int], stop_token_ids: list[int]) -> dict[str, PairRequest]:
         """Add queued pairs to both engines while both can run them whole from this step."""
         admitted: dict[str, PairRequest] = {}
         prefill = {"teacher": 0, "theta": 0}
@@ -166,7 +216,7 @@ class LockstepPair:
             request_id = _request_id(request.index)
             for role, engine in engines.items():
                 engine.add_request(request_id, prompts[role], request.max_tokens,
-                                   self.stop_token_ids)
+                                   stop_token_ids)
                 reserved[role] += self.blocks_needed(engine, len(prompts[role]),
                                                      request.max_tokens)
                 prefill[role] += len(prompts[role])
@@ -219,12 +269,15 @@ class LockstepPair:
         pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
         rank_in_pair_order = torch.tensor(np.argsort(np.argsort(pair_indices)), device=device)
         uniforms = torch.rand(len(teacher_rows), generator=generator, device=device)
-        draw = mix_and_draw(teacher_logits, theta_logits.to(device)[theta_for_teacher],
-                            self.vocab_size, config, uniforms[rank_in_pair_order])
-        self.teacher.sample_forced(draw.token_ids)
-        self.theta.sample_forced(draw.token_ids[teacher_for_theta])
-        values = torch.stack([draw.token_ids.double(), draw.alpha.double(), draw.log_q.double(),
-                              draw.log_teacher.double(), draw.log_theta.double()], dim=1).cpu()
+        with self._phase("mixing", device):
+            draw = mix_and_draw(teacher_logits, theta_logits.to(device)[theta_for_teacher],
+                                self.vocab_size, config, uniforms[rank_in_pair_order])
+        with self._phase("sample", device):
+            self.teacher.sample_forced(draw.token_ids)
+            self.theta.sample_forced(draw.token_ids[teacher_for_theta])
+            values = torch.stack([draw.token_ids.double(), draw.alpha.double(),
+                                  draw.log_q.double(), draw.log_teacher.double(),
+                                  draw.log_theta.double()], dim=1).cpu()
         log.pair_indices.append(pair_indices)
         log.values.append(values.numpy())
         return dict(zip(teacher_rows, values[:, 0].long().tolist()))
@@ -243,6 +296,7 @@ class LockstepPair:
             raise LockstepError(f"engines finished different pairs: teacher "
                                 f"{teacher_result.finish_reasons}, theta "
                                 f"{theta_result.finish_reasons}")
+        self.tokens_checked += len(tokens)
         return teacher_result.finish_reasons
 
     def _abort(self, request_ids: list[str]) -> None:

@@ -1,0 +1,228 @@
+"""Throughput of mixed sampling against plain vLLM teacher-only generation, side by side.
+
+One command runs every arm and size on the GPU machine; each arm runs in its own process
+(a plain `vllm.LLM` with its defaults cannot share the card with the engine pair):
+
+    python benchmarks/throughput.py --models /tmp/models --out $OUT
+
+Arms, on the same token-id prompts (theta prompt 150–300 tokens, teacher prompt the same
+plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
+- baseline: `vllm.LLM.generate` of the teacher with vLLM's default settings;
+- mixed: the lockstep pair with kl_symmetry; then one profiled run splitting step time into
+  phases, and a record of a few sequences for the log-prob check;
+- check: transformers recomputes log t(y) and log θ(y) of those sequences.
+Results: results.json and results.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+logger = logging.getLogger("benchmark")
+
+PAIRS = {"7b+0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b+0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b")}
+CHECKED_SEQUENCES = 3
+
+
+def make_prompts(count: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Theta prompts of 150–300 random token ids; teacher prompt = same + 50–100 more."""
+    rng = np.random.default_rng(seed)
+    theta, teacher = [], []
+    for _ in range(count):
+        ids = rng.integers(100, 150_000, size=int(rng.integers(150, 301))).tolist()
+        extra = rng.integers(100, 150_000, size=int(rng.integers(50, 101))).tolist()
+        theta.append(ids)
+        teacher.append(ids + extra)
+    return teacher, theta
+
+
+def gpu_facts() -> dict:
+    import torch
+
+    return {"card": torch.cuda.get_device_name(0),
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def run_baseline(args: argparse.Namespace) -> dict:
+    from vllm import LLM, SamplingParams
+
+    teacher_prompts, _ = make_prompts(max(args.batches))
+    llm = LLM(model=str(Path(args.models) / args.teacher), skip_tokenizer_init=True)
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=1.0,
+                            detokenize=False)
+    llm.generate([{"prompt_token_ids": p} for p in teacher_prompts[:8]],
+                 SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False))
+    results = {}
+    for batch in args.batches:
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in teacher_prompts[:batch]], params,
+                               use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        results[str(batch)] = {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+        logger.info("baseline %s batch %d: %.0f tok/s", args.teacher, batch, tokens / seconds)
+    return {"throughput": results, **gpu_facts()}
+
+
+def run_mixed(args: argparse.Namespace) -> dict:
+    from sampler.lockstep import LockstepPair, PairRequest
+    from sampler.mixing import MixingConfig
+
+    teacher_prompts, theta_prompts = make_prompts(max(args.batches))
+    common = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 256,
+              "max_num_batched_tokens": 16384}
+    pair = LockstepPair.from_models(
+        str(Path(args.models) / args.teacher), str(Path(args.models) / args.theta), None, [],
+        {**common, "gpu_memory_utilization": 0.55}, {**common, "gpu_memory_utilization": 0.3})
+    config = MixingConfig(alpha_method="kl_symmetry")
+
+    def requests(batch: int, new_tokens: int) -> list[PairRequest]:
+        return [PairRequest(i, teacher_prompts[i], theta_prompts[i], new_tokens)
+                for i in range(batch)]
+
+    pair.generate(requests(8, 16), config, seed=0, show_progress=False)
+    results, record = {}, {}
+    for batch in args.batches:
+        start = time.perf_counter()
+        traces = pair.generate(requests(batch, args.new_tokens), config, seed=1,
+                               show_progress=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(t.columns) for t in traces.values())
+        results[str(batch)] = {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+        logger.info("mixed %s+%s batch %d: %.0f tok/s", args.teacher, args.theta, batch,
+                    tokens / seconds)
+        if batch == min(args.batches):
+            record = {str(i): {"teacher_prompt": teacher_prompts[i],
+                               "theta_prompt": theta_prompts[i],
+                               "columns": traces[i].columns.tolist()}
+                      for i in range(CHECKED_SEQUENCES)}
+    profile_batch, profile_tokens = max(args.batches), 64
+    pair.enable_phase_timing()
+    steps_before = pair.steps_run
+    start = time.perf_counter()
+    traces = pair.generate(requests(profile_batch, profile_tokens), config, seed=2,
+                           show_progress=False)
+    wall = time.perf_counter() - start
+    steps = pair.steps_run - steps_before
+    phases_ms = {name: 1e3 * value / steps for name, value in pair.phase_seconds.items()}
+    phases_ms["wall_per_step"] = 1e3 * wall / steps
+    alphas = np.concatenate([t.columns[:, 1] for t in traces.values()])
+    Path(args.record).write_text(json.dumps(record))
+    return {"throughput": results, "tokens_checked_in_lockstep": pair.tokens_checked,
+            "profile": {"batch": profile_batch, "new_tokens": profile_tokens, "steps": steps,
+                        "ms_per_step": phases_ms},
+            "alpha": {"mean": float(alphas.mean()), "min": float(alphas.min()),
+                      "max": float(alphas.max())}, **gpu_facts()}
+
+
+def run_check(args: argparse.Namespace) -> dict:
+    """Recompute log t(y), log θ(y) with transformers (bf16 weights, fp32 log-softmax)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads(Path(args.record).read_text())
+    deviations = {}
+    for role, name, prompt_key, column in (("teacher", args.teacher, "teacher_prompt", 3),
+                                          ("theta", args.theta, "theta_prompt", 4)):
+        model = AutoModelForCausalLM.from_pretrained(str(Path(args.models) / name),
+                                                     dtype=torch.bfloat16).cuda().eval()
+        errors = []
+        for item in record.values():
+            columns = np.asarray(item["columns"])
+            generated = columns[:, 0].astype(np.int64).tolist()
+            ids = torch.tensor([item[prompt_key] + generated], device="cuda")
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(item[prompt_key]) - 1:-1].float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            recomputed = log_probs.gather(1, torch.tensor(generated, device="cuda")[:, None])
+            errors.append(np.abs(recomputed.squeeze(1).cpu().numpy() - columns[:, column]))
+        every = np.concatenate(errors)
+        deviations[role] = {"max_abs": float(every.max()), "mean_abs": float(every.mean()),
+                            "tokens": int(every.size)}
+        del model
+        torch.cuda.empty_cache()
+    return deviations
+
+
+def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) -> dict:
+    teacher, theta = PAIRS[pair_name]
+    out = Path(args.out)
+    result_path = out / f"{pair_name}-{arm}.json"
+    command = [sys.executable, __file__, "--arm", arm, "--teacher", teacher, "--theta", theta,
+               "--models", args.models, "--out", args.out, "--result", str(result_path),
+               "--record", str(out / f"{pair_name}-record.json"),
+               "--new-tokens", str(args.new_tokens),
+               "--batches", ",".join(map(str, args.batches))]
+    logger.info("running %s for %s", arm, pair_name)
+    start = time.perf_counter()
+    with open(out / f"{pair_name}-{arm}.log", "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0 or not result_path.exists():
+        tail = (out / f"{pair_name}-{arm}.log").read_text()[-3000:]
+        logger.error("%s for %s failed (exit %d):\n%s", arm, pair_name, code, tail)
+        return {"error": f"exit {code}", "log_tail": tail}
+    result = json.loads(result_path.read_text())
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def summarise(results: dict, args: argparse.Namespace) -> str:
+    lines = ["| pair | batch | baseline tok/s | mixed tok/s | ratio |", "|---|---|---|---|---|"]
+    for pair_name, arms in results["pairs"].items():
+        for batch in map(str, args.batches):
+            try:
+                base = arms["baseline"]["throughput"][batch]["tok_per_s"]
+                mixed = arms["mixed"]["throughput"][batch]["tok_per_s"]
+                lines.append(f"| {pair_name} | {batch} | {base:,.0f} | {mixed:,.0f} | "
+                             f"{mixed / base:.2f} |")
+            except KeyError:
+                lines.append(f"| {pair_name} | {batch} | failed | failed | - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="/tmp/models")
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--pairs", default="7b+0.5b,1.5b+0.5b")
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--arm", choices=["baseline", "mixed", "check"])
+    parser.add_argument("--teacher")
+    parser.add_argument("--theta")
+    parser.add_argument("--result")
+    parser.add_argument("--record")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.arm:
+        arm = {"baseline": run_baseline, "mixed": run_mixed, "check": run_check}[args.arm]
+        Path(args.result).write_text(json.dumps(arm(args), indent=1))
+        return
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = {"command": " ".join(sys.argv), "pairs": {}}
+    for pair_name in args.pairs.split(","):
+        results["pairs"][pair_name] = {
+            arm: run_arm_in_subprocess(arm, pair_name, args)
+            for arm in ("baseline", "mixed", "check")}
+        Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
+    table = summarise(results, args)
+    Path(args.out, "results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
