@@ -130,6 +130,8 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
     span = (gap_high - gap_low).clamp_min(torch.finfo(torch.float32).tiny)
     alpha = torch.where(done, torch.where(at_low, low, high), low - gap_low * (high - low) / span)
     alpha = alpha.clamp(lower, upper)
+    if bool(done.all()):
+        return alpha
     for step in range(max_steps):
         value, slope = gap(alpha)
         high = torch.where(value > 0, alpha, high)

@@ -1,0 +1,3 @@
+INSERT OR REPLACE INTO runs
+VALUES ($run_id, $dataset, $run_date, $flow_run_id, $config_hash, $generation_hash, $code_version,
+        $status, $rows_published, $message, $started_at, $finished_at)

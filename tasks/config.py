@@ -1,0 +1,172 @@
+"""Dataset configs: one reviewed YAML file per dataset, checked before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sampler.errors import ConfigError
+from sampler.mixing import MixingConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS_DIR = REPO_ROOT / "flows" / "datasets"
+TINY_PREFIX = "tiny:"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Strict):
+    """Where the prompts come from: files (JSONL, CSV, Parquet) or a DuckDB query."""
+
+    format: Literal["jsonl", "csv", "parquet", "duckdb_query"]
+    path: str | None = None
+    query: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _path_or_query(self) -> SourceConfig:
+        if self.format == "duckdb_query" and not self.query:
+            raise ValueError("source.query is required when format is duckdb_query")
+        if self.format != "duckdb_query" and not self.path:
+            raise ValueError(f"source.path is required when format is {self.format}")
+        return self
+
+    def resolved_path(self) -> Path:
+        path = Path(self.path or "")
+        return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+
+class PromptConfig(Strict):
+    """Each model's system prompt and template; `{column}` fields come from the source row."""
+
+    teacher_system: str | None = None
+    theta_system: str | None = None
+    teacher_template: str
+    theta_template: str
+    chat_template: bool = True
+
+
+class ModelConfig(Strict):
+    """Checkpoint paths or hub ids; `tiny:teacher` / `tiny:theta` build local test models."""
+
+    teacher: str
+    theta: str
+
+
+class SamplingConfig(Strict):
+    alpha_method: str = "kl_symmetry"
+    alpha_min: float = 0.5
+    alpha_max: float = 1.0
+    fixed_alpha: float = 0.5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = Field(default=512, gt=0)
+    samples_per_prompt: int = Field(default=1, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _valid_mixing(self) -> SamplingConfig:
+        self.mixing()
+        return self
+
+    def mixing(self) -> MixingConfig:
+        return MixingConfig(alpha_method=self.alpha_method, fixed_alpha=self.fixed_alpha,
+                            alpha_min=self.alpha_min, alpha_max=self.alpha_max,
+                            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+class EngineConfig(Strict):
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    dtype: str = "auto"
+    enforce_eager: bool = False
+
+
+class ValidationConfig(Strict):
+    """Dataset-level thresholds, on top of the per-row checks every dataset gets."""
+
+    max_length_finish_share: float = Field(default=1.0, ge=0, le=1)
+    min_rows: int = Field(default=1, ge=0)
+
+
+class CurationConfig(Strict):
+    gsm8k_answer_check: bool = False
+
+
+class DatasetConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    description: str = ""
+    source: SourceConfig
+    id_column: str | None = None
+    text_columns: list[str] = Field(min_length=1)
+    max_prompt_chars: int = Field(default=20_000, gt=0)
+    prompts: PromptConfig
+    models: ModelConfig
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineConfig = EngineConfig()
+    validation: ValidationConfig = ValidationConfig()
+    curation: CurationConfig = CurationConfig()
+
+    @model_validator(mode="after")
+    def _templates_use_known_columns(self) -> DatasetConfig:
+        import string
+
+        for name in ("teacher_template", "theta_template"):
+            fields = {f for _, f, _, _ in string.Formatter().parse(getattr(self.prompts, name)) if f}
+            unknown = fields - set(self.text_columns)
+            if unknown:
+                raise ValueError(f"prompts.{name} uses {sorted(unknown)}, which are not in "
+                                 f"text_columns {self.text_columns}")
+        return self
+
+    def generation_hash(self) -> str:
+        """Hash of everything that changes generated text: prompts, models, sampling, engine."""
+        payload = {key: getattr(self, key).model_dump() for key in
+                   ("prompts", "models", "sampling", "engine")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        parts.append(f"{where}: {item['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_dataset_config(text: str, source: str = "<config>") -> DatasetConfig:
+    """Parse and check a dataset config; errors name the file and the field."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields, got {type(raw).__name__}")
+    try:
+        return DatasetConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: sampling.{error}") from None
+
+
+def load_dataset_config(dataset: str, datasets_dir: Path = DATASETS_DIR) -> DatasetConfig:
+    """The config of `dataset` (a name in flows/datasets/ or a path to a YAML file)."""
+    path = Path(dataset)
+    if not path.suffix:
+        path = datasets_dir / f"{dataset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in datasets_dir.glob("*.yaml"))
+        raise ConfigError(f"dataset {dataset!r}: no config at {path} (known: {known})")
+    return parse_dataset_config(path.read_text(), str(path))

@@ -1,0 +1,186 @@
+"""Shards of prompts, generated with the mixing sampler and written atomically as Parquet.
+
+A shard's key hashes its prompts' content and the generation config, so a rerun finds a
+finished shard by name and skips it; a crashed write leaves only a temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from sampler.prompts import PromptFormat
+from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
+from tasks.staging import StagedPrompt
+
+logger = logging.getLogger(__name__)
+
+GSM8K_PATH = Path(os.environ.get("GSM8K_PATH", REPO_ROOT.parent / "shared/data/gsm8k/test.jsonl"))
+
+SHARD_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("content_hash", pa.string()),
+    ("teacher_prompt", pa.string()), ("theta_prompt", pa.string()),
+    ("completion", pa.string()), ("token_ids", pa.list_(pa.int32())),
+    ("num_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
+    ("alpha", pa.list_(pa.float32())), ("log_q", pa.list_(pa.float32())),
+    ("log_teacher", pa.list_(pa.float32())), ("log_theta", pa.list_(pa.float32())),
+    ("alpha_mean", pa.float64()), ("alpha_std", pa.float64()), ("alpha_min", pa.float64()),
+    ("alpha_max", pa.float64()), ("seed", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    key: str
+    prompts: tuple[StagedPrompt, ...]
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    shard: Shard
+    path: str
+    reused: bool
+
+
+def plan_shards(prompts: list[StagedPrompt], config: DatasetConfig, shard_size: int) -> list[Shard]:
+    """Split prompts (in id order) into shards keyed by content and generation config."""
+    ordered = sorted(prompts, key=lambda p: p.prompt_id)
+    shards = []
+    for index, start in enumerate(range(0, len(ordered), shard_size)):
+        chunk = tuple(ordered[start:start + shard_size])
+        digest = hashlib.sha256(config.generation_hash().encode())
+        for prompt in chunk:
+            digest.update(f"{prompt.prompt_id}:{prompt.content_hash}".encode())
+        shards.append(Shard(index, digest.hexdigest()[:20], chunk))
+    return shards
+
+
+def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
+    """Checkpoint paths; `tiny:` names are built locally on first use (no hub here)."""
+    names = (config.models.teacher, config.models.theta)
+    if not any(name.startswith(TINY_PREFIX) for name in names):
+        return names
+    from sampler.tiny_models import make_tiny_pair
+
+    root = Path(os.environ.get("DISTILL_TINY_MODELS_DIR", data_dir / "models" / "tiny"))
+    if not (root / ".complete").exists():
+        with GSM8K_PATH.open() as handle:
+            corpus = [f"{row['question']}\n{row['answer']}" for row in map(json.loads, handle)]
+    else:
+        corpus = []
+    pair = dict(zip(("teacher", "theta"), make_tiny_pair(root, corpus)))
+    return tuple(str(pair[name.removeprefix(TINY_PREFIX)]) if name.startswith(TINY_PREFIX)
+                 else name for name in names)
+
+
+class EngineCache:
+    """One engine pair per worker process, reused across shards; one shard at a time on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: str | None = None
+        self._sampler = None
+
+    def run(self, key: str, build, work):
+        with self._lock:
+            if self._key != key:
+                self._sampler = None
+                self._sampler = build()
+                self._key = key
+            return work(self._sampler)
+
+
+ENGINES = EngineCache()
+
+
+def _build_sampler(config: DatasetConfig, data_dir: Path):
+    from sampler.api import OptimalSamplingV1
+
+    teacher, theta = resolve_models(config, data_dir)
+    engine = config.engine
+    return OptimalSamplingV1(
+        teacher, theta, alpha_method=config.sampling.alpha_method,
+        alpha_min=config.sampling.alpha_min, alpha_max=config.sampling.alpha_max,
+        fixed_alpha=config.sampling.fixed_alpha, max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs, dtype=engine.dtype, enforce_eager=engine.enforce_eager)
+
+
+def shard_seed(config: DatasetConfig, shard: Shard) -> int:
+    return int(hashlib.sha256(f"{config.sampling.seed}:{shard.key}".encode()).hexdigest()[:15], 16)
+
+
+def generate_rows(sampler, config: DatasetConfig, shard: Shard) -> pa.Table:
+    """Generate every sample of the shard's prompts; rows the model refuses keep their error."""
+    samples = config.sampling.samples_per_prompt
+    expanded = [(prompt, sample) for prompt in shard.prompts for sample in range(samples)]
+    seed = shard_seed(config, shard)
+    output = sampler.generate(
+        [p.teacher_prompt for p, _ in expanded], [p.theta_prompt for p, _ in expanded],
+        max_tokens=config.sampling.max_tokens, seed=seed, show_progress=False,
+        mixing=config.sampling.mixing(),
+        teacher_format=PromptFormat(config.prompts.teacher_system, config.prompts.chat_template),
+        theta_format=PromptFormat(config.prompts.theta_system, config.prompts.chat_template))
+    stats = output.per_row_alpha_stats or [{}] * len(expanded)
+    columns = {
+        "prompt_id": [p.prompt_id for p, _ in expanded],
+        "sample_index": [s for _, s in expanded],
+        "content_hash": [p.content_hash for p, _ in expanded],
+        "teacher_prompt": [p.teacher_prompt for p, _ in expanded],
+        "theta_prompt": [p.theta_prompt for p, _ in expanded],
+        "completion": output.generated_texts,
+        "token_ids": output.generated_ids,
+        "num_tokens": output.num_tokens,
+        "finish_reason": output.finish_reasons,
+        "error": output.errors,
+        "alpha": output.alpha_history,
+        "log_q": output.mixed_logprobs,
+        "log_teacher": output.teacher_logprobs,
+        "log_theta": output.theta_logprobs,
+        "alpha_mean": [s.get("mean") if s.get("count") else None for s in stats],
+        "alpha_std": [s.get("std") if s.get("count") else None for s in stats],
+        "alpha_min": [s.get("min") if s.get("count") else None for s in stats],
+        "alpha_max": [s.get("max") if s.get("count") else None for s in stats],
+        "seed": [seed] * len(expanded),
+    }
+    return pa.table(columns, schema=SHARD_SCHEMA)
+
+
+def write_atomically(table: pa.Table, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    pq.write_table(table, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def shard_path(shards_dir: Path, config: DatasetConfig, shard: Shard) -> Path:
+    return shards_dir / config.name / f"{shard.key}.parquet"
+
+
+@task(name="generate-shard", tags=["gpu"], retries=1, retry_delay_seconds=5)
+def generate_shard(shard: Shard, config: DatasetConfig, data_dir: str) -> ShardOutcome:
+    """Generate a shard unless its finished file already exists."""
+    root = Path(data_dir)
+    path = shard_path(root / "shards", config, shard)
+    if path.exists():
+        logger.info("shard %d (%s) already generated; reusing", shard.index, shard.key)
+        return ShardOutcome(shard, str(path), reused=True)
+    engine_key = json.dumps([config.models.model_dump(), config.engine.model_dump()],
+                            sort_keys=True)
+    table = ENGINES.run(engine_key, lambda: _build_sampler(config, root),
+                        lambda sampler: generate_rows(sampler, config, shard))
+    write_atomically(table, path)
+    logger.info("shard %d (%s): %d rows written", shard.index, shard.key, table.num_rows)
+    return ShardOutcome(shard, str(path), reused=False)

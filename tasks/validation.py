@@ -1,0 +1,152 @@
+"""Great Expectations suites over generated rows, per shard and per dataset.
+
+Rows go to GX as pandas frames (GX 1.24 cannot validate DuckDB tables through its SQL
+route). Derived columns turn per-row array checks into plain column expectations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from prefect import task
+
+from tasks.config import DatasetConfig
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_FINISH_REASONS = ["stop", "length"]
+PER_TOKEN_COLUMNS = ("alpha", "log_q", "log_teacher", "log_theta")
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    success: bool
+    failed_expectations: list[str]
+    result_path: str
+    docs_path: str | None
+
+
+def validation_frame(table: pa.Table) -> pd.DataFrame:
+    """Rows with the derived columns the expectations read."""
+    frame = table.to_pandas()
+    lengths_match, logprobs_ok = [], []
+    for row in frame.itertuples(index=False):
+        arrays = [np.asarray(getattr(row, column)) for column in PER_TOKEN_COLUMNS]
+        count = row.num_tokens
+        lengths_match.append(all(len(a) == count for a in arrays) and len(row.token_ids) == count)
+        logs = np.concatenate(arrays[1:]) if count else np.zeros(0)
+        logprobs_ok.append(bool(np.all(np.isfinite(logs)) and np.all(logs <= 1e-6)))
+    frame["row_key"] = frame["prompt_id"] + "#" + frame["sample_index"].astype(str)
+    frame["arrays_match_num_tokens"] = lengths_match
+    frame["logprobs_finite_and_nonpositive"] = logprobs_ok
+    frame["hit_max_tokens"] = (frame["finish_reason"] == "length").astype(float)
+    frame["has_text"] = frame["completion"].fillna("").str.len() > 0
+    return frame[[c for c in frame.columns if c not in (*PER_TOKEN_COLUMNS, "token_ids")]]
+
+
+def shard_expectations(config: DatasetConfig) -> list:
+    """What every row of every shard must satisfy."""
+    e = gx.expectations
+    sampling = config.sampling
+    alpha_range = {"min_value": sampling.alpha_min - 1e-6, "max_value": sampling.alpha_max + 1e-6}
+    return [
+        e.ExpectColumnValuesToNotBeNull(column="completion"),
+        e.ExpectColumnValuesToBeInSet(column="has_text", value_set=[True]),
+        e.ExpectColumnValuesToBeBetween(column="num_tokens", min_value=1,
+                                        max_value=sampling.max_tokens),
+        e.ExpectColumnValuesToBeInSet(column="finish_reason", value_set=ALLOWED_FINISH_REASONS),
+        e.ExpectColumnValuesToBeBetween(column="alpha_mean", **alpha_range),
+        e.ExpectColumnValuesToBeBetween(column="alpha_min", **alpha_range),
+        e.ExpectColumnValuesToBeBetween(column="alpha_max", **alpha_range),
+        e.ExpectColumnValuesToBeInSet(column="arrays_match_num_tokens", value_set=[True]),
+        e.ExpectColumnValuesToBeInSet(column="logprobs_finite_and_nonpositive", value_set=[True]),
+        e.ExpectColumnValuesToBeUnique(column="row_key"),
+    ]
+
+
+def dataset_expectations(config: DatasetConfig) -> list:
+    """The dataset's own thresholds, over all rows of the run."""
+    e = gx.expectations
+    return [
+        e.ExpectTableRowCountToBeBetween(min_value=config.validation.min_rows),
+        e.ExpectColumnValuesToBeUnique(column="row_key"),
+        e.ExpectColumnMeanToBeBetween(column="hit_max_tokens", min_value=0.0,
+                                      max_value=config.validation.max_length_finish_share),
+    ]
+
+
+def _context(root: Path):
+    context = gx.get_context(mode="file", project_root_dir=str(root))
+    return context
+
+
+def run_suite(gx_root: Path, results_dir: Path, name: str, expectations: list,
+              frame: pd.DataFrame) -> ValidationOutcome:
+    """Validate `frame` with a checkpoint that also updates the Data Docs; keep the result JSON."""
+    context = _context(gx_root)
+    source = context.data_sources.add_or_update_pandas("generated")
+    try:
+        asset = source.get_asset(name)
+    except LookupError:
+        asset = source.add_dataframe_asset(name)
+    try:
+        batch = asset.get_batch_definition("all-rows")
+    except KeyError:
+        batch = asset.add_batch_definition_whole_dataframe("all-rows")
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
+        name=name, validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs")],
+        result_format={"result_format": "SUMMARY"}))
+    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    validation = next(iter(result.run_results.values()))
+    failed = [f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column', '')})"
+              for r in validation.results if not r.success]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    result_path = results_dir / f"{name}.json"
+    temporary = result_path.with_name(f".{result_path.name}.tmp")
+    temporary.write_text(json.dumps(validation.to_json_dict(), default=_json_default, indent=1))
+    os.replace(temporary, result_path)
+    docs = context.get_docs_sites_urls()
+    docs_path = docs[0]["site_url"] if docs else None
+    return ValidationOutcome(bool(result.success), failed, str(result_path), docs_path)
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+@task(name="validate-shard")
+def validate_shard(table: pa.Table, config: DatasetConfig, data_dir: str, run_id: str,
+                   shard_key: str) -> ValidationOutcome:
+    root = Path(data_dir)
+    outcome = run_suite(root / "gx", root / "validation" / run_id,
+                        f"{config.name}-shard-{shard_key}", shard_expectations(config),
+                        validation_frame(table))
+    logger.info("shard %s validation: %s %s", shard_key, "passed" if outcome.success else
+                "FAILED", outcome.failed_expectations)
+    return outcome
+
+
+@task(name="validate-dataset")
+def validate_dataset(table: pa.Table, config: DatasetConfig, data_dir: str, run_id: str
+                     ) -> ValidationOutcome:
+    root = Path(data_dir)
+    outcome = run_suite(root / "gx", root / "validation" / run_id, f"{config.name}-dataset",
+                        dataset_expectations(config), validation_frame(table))
+    logger.info("dataset validation: %s %s", "passed" if outcome.success else "FAILED",
+                outcome.failed_expectations)
+    return outcome
