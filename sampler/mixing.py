@@ -28,6 +28,9 @@ from sampler.errors import ConfigError
 
 ALPHA_METHODS = ("fixed", "kl_symmetry", "ess_balance", "entropy")
 NEWTON_STEPS_BEFORE_CHECK = 4
+#: A gap smaller than this many float32 epsilons times the magnitude of the terms it is
+#: summed from is rounding noise: its sign says nothing, so the row has converged.
+ROUNDING_SLACK = 8 * torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -85,30 +88,34 @@ def tempered_log_probs(logits: torch.Tensor, vocab_size: int, temperature: float
 
 
 def _kl_symmetry_gap(log_theta: torch.Tensor, log_ratio: torch.Tensor, alpha: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δ(α) = E_q[log t − log θ] = KL(q‖θ) − KL(q‖t), and dΔ/dα = Var_q(log t − log θ)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Δ(α) = E_q[log t − log θ] = KL(q‖θ) − KL(q‖t), dΔ/dα = Var_q(log t − log θ), and the
+    float32 rounding error of Δ (from rounding in log θ and log t, weighted by q)."""
     log_q = torch.log_softmax(log_theta + alpha[:, None] * log_ratio, dim=-1)
     q = log_q.exp()
     mean = (q * log_ratio).sum(-1)
     variance = (q * (log_ratio - mean[:, None]).square()).sum(-1)
-    return mean, variance
+    magnitude = (q * (log_theta.abs() + (log_theta + log_ratio).abs())).sum(-1)
+    return mean, variance, ROUNDING_SLACK * magnitude
 
 
 def _tilted_mean(log_theta: torch.Tensor, log_ratio: torch.Tensor, s: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K(s) = log E_θ[e^{s·f}] and K'(s) = E_{p_s}[f], with p_s ∝ θ·e^{s·f}."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K(s) = log E_θ[e^{s·f}], K'(s) = E_{p_s}[f] with p_s ∝ θ·e^{s·f}, and K's rounding error."""
     tilted = log_theta + s[:, None] * log_ratio
     log_norm = torch.logsumexp(tilted, dim=-1)
-    mean = ((tilted - log_norm[:, None]).exp() * log_ratio).sum(-1)
-    return log_norm, mean
+    weights = (tilted - log_norm[:, None]).exp()
+    mean = (weights * log_ratio).sum(-1)
+    magnitude = (weights * tilted.abs()).sum(-1)
+    return log_norm, mean, ROUNDING_SLACK * magnitude
 
 
 def _ess_gap(log_theta: torch.Tensor, log_ratio: torch.Tensor, alpha: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h(α) = log Σθ²/q − log Σt²/q = K(−α) − K(2−α), and h'(α) = K'(2−α) − K'(−α) ≥ 0."""
-    k_low, mean_low = _tilted_mean(log_theta, log_ratio, -alpha)
-    k_high, mean_high = _tilted_mean(log_theta, log_ratio, 2.0 - alpha)
-    return k_low - k_high, mean_high - mean_low
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h(α) = log Σθ²/q − log Σt²/q = K(−α) − K(2−α), h'(α) = K'(2−α) − K'(−α) ≥ 0, error."""
+    k_low, mean_low, noise_low = _tilted_mean(log_theta, log_ratio, -alpha)
+    k_high, mean_high, noise_high = _tilted_mean(log_theta, log_ratio, 2.0 - alpha)
+    return k_low - k_high, mean_high - mean_low, noise_low + noise_high
 
 
 def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: torch.device,
@@ -116,16 +123,17 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
     """Root of a per-row increasing function on [lower, upper], clamped to the ends.
 
     Safeguarded Newton: a step that leaves the current bracket is replaced by bisection,
-    and each evaluation narrows the bracket by the sign of the gap.
+    and each evaluation narrows the bracket by the sign of the gap. A row stops when its
+    step is below `tolerance` or its gap is below its own float32 rounding error.
     """
     low = torch.full((rows,), lower, device=device)
     high = torch.full((rows,), upper, device=device)
     if lower == upper:
         return low
-    gap_low, _ = gap(low)
-    gap_high, _ = gap(high)
-    at_low = gap_low >= 0
-    at_high = gap_high <= 0
+    gap_low, _, noise_low = gap(low)
+    gap_high, _, noise_high = gap(high)
+    at_low = gap_low >= -noise_low
+    at_high = (gap_high <= noise_high) & ~at_low
     done = at_low | at_high
     span = (gap_high - gap_low).clamp_min(torch.finfo(torch.float32).tiny)
     alpha = torch.where(done, torch.where(at_low, low, high), low - gap_low * (high - low) / span)
@@ -133,14 +141,15 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
     if bool(done.all()):
         return alpha
     for step in range(max_steps):
-        value, slope = gap(alpha)
+        value, slope, noise = gap(alpha)
         high = torch.where(value > 0, alpha, high)
         low = torch.where(value > 0, low, alpha)
         newton = alpha - value / slope.clamp_min(1e-30)
         inside = (newton > low) & (newton < high)
         proposal = torch.where(inside, newton, 0.5 * (low + high))
-        converged = ((proposal - alpha).abs() <= tolerance) | ((high - low) <= tolerance)
-        alpha = torch.where(done, alpha, proposal)
+        converged = (((proposal - alpha).abs() <= tolerance) | ((high - low) <= tolerance)
+                     | (value.abs() <= noise))
+        alpha = torch.where(done, alpha, torch.where(value.abs() <= noise, alpha, proposal))
         done = done | converged
         if step + 1 >= NEWTON_STEPS_BEFORE_CHECK and bool(done.all()):
             break
