@@ -108,7 +108,7 @@ def run_mixed(args: argparse.Namespace) -> dict:
                                "theta_prompt": theta_prompts[i],
                                "columns": traces[i].columns.tolist()}
                       for i in range(CHECKED_SEQUENCES)}
-    profile_batch, profile_tokens = max(args.batches), 64
+    profile_batch, profile_tokens = max(args.batches), 256
     pair.enable_phase_timing()
     steps_before = pair.steps_run
     start = time.perf_counter()

@@ -8,7 +8,7 @@ Per step, in this order:
 2. schedule both engines, and check they scheduled the same pairs the same way;
 3. run both forward passes; each keeps its own KV cache and is never re-run over a prefix;
 4. mix: align the theta rows to the teacher rows, compute q and draw one token per pair,
-   with one uniform number per pair taken in pair order from a seeded generator;
+   with randomness fixed by a per-step seed and each pair's rank in pair order;
 5. force: each engine samples with every logit but the drawn token masked;
 6. update both schedulers; check both appended the drawn token and finished the same pairs.
 
@@ -75,6 +75,11 @@ class _StepLog:
         ends = np.searchsorted(indices, list(finish_reasons), side="right")
         return {pair: PairTrace(values[start:end], reason)
                 for (pair, reason), start, end in zip(finish_reasons.items(), starts, ends)}
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A distinct 31-bit seed for each step of a call (Triton's RNG takes 32-bit seeds)."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**31 - 1)
 
 
 def _request_id(index: int) -> str:
@@ -158,7 +163,7 @@ class LockstepPair:
         reserved = {"teacher": 0, "theta": 0}
         finish_reasons: dict[int, str] = {}
         log = _StepLog()
-        generator: torch.Generator | None = None
+        step = 0
         progress = tqdm(total=len(requests), desc="mixed sampling", unit="seq",
                         disable=not show_progress)
         try:
@@ -173,10 +178,9 @@ class LockstepPair:
                     self.theta.execute(theta_plan)
                 teacher_logits, teacher_rows = self.teacher.pending_logits()
                 theta_logits, theta_rows = self.theta.pending_logits()
-                if generator is None:
-                    generator = torch.Generator(device=teacher_logits.device).manual_seed(seed)
                 tokens = self._mix_and_force(teacher_logits, teacher_rows, theta_logits,
-                                             theta_rows, config, generator, log)
+                                             theta_rows, config, step_seed(seed, step), log)
+                step += 1
                 with self._phase("update"):
                     finished = self._update_both(teacher_plan, theta_plan, tokens)
                 self.steps_run += 1
@@ -257,7 +261,7 @@ class LockstepPair:
 
     def _mix_and_force(self, teacher_logits: torch.Tensor, teacher_rows: list[str],
                        theta_logits: torch.Tensor, theta_rows: list[str], config: MixingConfig,
-                       generator: torch.Generator, log: _StepLog) -> dict[str, int]:
+                       seed: int, log: _StepLog) -> dict[str, int]:
         """Draw one token per pair from q and force it in both engines; returns the tokens."""
         if sorted(teacher_rows) != sorted(theta_rows):
             raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
@@ -268,10 +272,9 @@ class LockstepPair:
         teacher_for_theta = torch.tensor([teacher_position[r] for r in theta_rows], device=device)
         pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
         rank_in_pair_order = torch.tensor(np.argsort(np.argsort(pair_indices)), device=device)
-        uniforms = torch.rand(len(teacher_rows), generator=generator, device=device)
         with self._phase("mixing", device):
             draw = mix_and_draw(teacher_logits, theta_logits.to(device)[theta_for_teacher],
-                                self.vocab_size, config, uniforms[rank_in_pair_order])
+                                self.vocab_size, config, seed, rank_in_pair_order)
         with self._phase("sample", device):
             self.teacher.sample_forced(draw.token_ids)
             self.theta.sample_forced(draw.token_ids[teacher_for_theta])

@@ -16,15 +16,27 @@ One row is one sequence at one decode step. Per row, in this order:
 
 Nothing here synchronises with the host except the Newton convergence check, made once
 after a few unconditional iterations and then once per extra iteration.
+
+Randomness is (seed, rank): one seed per step and each row's rank in pair order, so a row's
+draw does not depend on the engine's row order. On CUDA (with Triton, without top-k/top-p,
+for the solved methods) steps 1–5 run as fused kernels, one pass over the vocabulary each
+(`sampler.fused_mixing`), drawing by Gumbel-max; elsewhere as the torch code below, drawing by
+inverse CDF. Both draw exactly from q; the same seed repeats the same output on the same
+kind of device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
 
 from sampler.errors import ConfigError
+
+#: "auto" (fused kernels on CUDA where they apply), "torch" or "fused"; for benchmarks and tests.
+BACKEND = os.environ.get("SAMPLER_MIXING_BACKEND", "auto")
 
 ALPHA_METHODS = ("fixed", "kl_symmetry", "ess_balance", "entropy")
 NEWTON_STEPS_BEFORE_CHECK = 4
@@ -212,12 +224,16 @@ def draw_from_log_probs(log_q: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 
 
 def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,
-                 config: MixingConfig, uniforms: torch.Tensor) -> MixedDraw:
+                 config: MixingConfig, seed: int, ranks: torch.Tensor) -> MixedDraw:
     """Steps 1–6 of the module docstring for a batch of aligned rows."""
+    if _use_fused(teacher_logits, config):
+        return _fused_mix_and_draw(teacher_logits, theta_logits, vocab_size, config, seed, ranks)
     log_teacher = tempered_log_probs(teacher_logits, vocab_size, config.temperature)
     log_theta = tempered_log_probs(theta_logits, vocab_size, config.temperature)
     alpha = compute_alpha(log_teacher, log_theta, config)
     log_q = mixture_log_probs(log_teacher, log_theta, alpha, config)
+    generator = torch.Generator(device=log_q.device).manual_seed(seed)
+    uniforms = torch.rand(len(ranks), generator=generator, device=log_q.device)[ranks]
     tokens = draw_from_log_probs(log_q, uniforms)
     picked = tokens[:, None]
     return MixedDraw(
@@ -227,3 +243,52 @@ def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab
         log_teacher=log_teacher.gather(1, picked).squeeze(1),
         log_theta=log_theta.gather(1, picked).squeeze(1),
     )
+
+
+def _use_fused(logits: torch.Tensor, config: MixingConfig) -> bool:
+    if BACKEND == "torch":
+        return False
+    applies = (config.alpha_method != "entropy" and config.top_k == -1 and config.top_p >= 1.0)
+    if BACKEND == "fused":
+        return applies
+    return applies and logits.is_cuda
+
+
+def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
+                        vocab_size: int, config: MixingConfig, seed: int, ranks: torch.Tensor
+                        ) -> MixedDraw:
+    from sampler import fused_mixing
+
+    temperature, rows = config.temperature, teacher_logits.shape[0]
+    norms = fused_mixing.log_normalisers(teacher_logits, theta_logits, vocab_size, temperature)
+
+    def moments(tilt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return fused_mixing.tilted_moments(teacher_logits, theta_logits, vocab_size, temperature,
+                                           norms, tilt)
+
+    def kl_gap(alpha: torch.Tensor):
+        _, mean, variance, magnitude = moments(alpha)
+        return mean, variance, ROUNDING_SLACK * magnitude
+
+    def ess_gap(alpha: torch.Tensor):
+        k_low, mean_low, _, magnitude_low = moments(-alpha)
+        k_high, mean_high, _, magnitude_high = moments(2.0 - alpha)
+        return k_low - k_high, mean_high - mean_low, ROUNDING_SLACK * (magnitude_low +
+                                                                       magnitude_high)
+
+    device = teacher_logits.device
+    if config.alpha_method == "fixed":
+        value = min(max(config.fixed_alpha, config.alpha_min), config.alpha_max)
+        alpha = torch.full((rows,), value, device=device)
+    else:
+        gap = kl_gap if config.alpha_method == "kl_symmetry" else ess_gap
+        alpha = _solve_increasing_root(gap, config.alpha_min, config.alpha_max, rows, device,
+                                       config.tolerance, config.max_newton_steps)
+    tokens, log_norm_q = fused_mixing.gumbel_draw(teacher_logits, theta_logits, vocab_size,
+                                                  temperature, norms, alpha, ranks, seed)
+    picked = tokens[:, None]
+    log_teacher = teacher_logits.gather(1, picked).squeeze(1).float() / temperature - norms[0]
+    log_theta = theta_logits.gather(1, picked).squeeze(1).float() / temperature - norms[1]
+    log_q = (1.0 - alpha) * log_theta + alpha * log_teacher - log_norm_q
+    return MixedDraw(token_ids=tokens, alpha=alpha, log_q=log_q, log_teacher=log_teacher,
+                     log_theta=log_theta)
