@@ -11,7 +11,8 @@ plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
 - mixed: the lockstep pair with kl_symmetry; then one profiled run splitting step time into
   phases, and a record of a few sequences for the log-prob check;
 - check: transformers recomputes log t(y) and log θ(y) of those sequences.
-Results: results.json and results.md under --out.
+Results: results.json (every arm's figures, and a failed arm's log tail) and results.md under
+--out; per-arm files and logs under --work.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 logger = logging.getLogger("benchmark")
 
-PAIRS = {"7b+0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b+0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b")}
+PAIRS = {"7b_0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b_0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b")}
 CHECKED_SEQUENCES = 3
 
 
@@ -158,10 +159,11 @@ def run_check(args: argparse.Namespace) -> dict:
 
 def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) -> dict:
     teacher, theta = PAIRS[pair_name]
-    out = Path(args.out)
+    out = Path(args.work)
     result_path = out / f"{pair_name}-{arm}.json"
     command = [sys.executable, __file__, "--arm", arm, "--teacher", teacher, "--theta", theta,
-               "--models", args.models, "--out", args.out, "--result", str(result_path),
+               "--models", args.models, "--out", args.out, "--work", args.work,
+               "--result", str(result_path),
                "--record", str(out / f"{pair_name}-record.json"),
                "--new-tokens", str(args.new_tokens),
                "--batches", ",".join(map(str, args.batches))]
@@ -196,7 +198,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="/tmp/models")
     parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("--pairs", default="7b+0.5b,1.5b+0.5b")
+    parser.add_argument("--work", default="/tmp/benchmark-work")
+    parser.add_argument("--pairs", default="7b_0.5b,1.5b_0.5b")
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--arm", choices=["baseline", "mixed", "check"])
@@ -212,6 +215,7 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(arm(args), indent=1))
         return
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(sys.argv), "pairs": {}}
     for pair_name in args.pairs.split(","):
         results["pairs"][pair_name] = {

@@ -40,13 +40,14 @@ def _log_normalisers_kernel(teacher, theta, stride_t, stride_s, vocab, inv_tempe
 
 
 @triton.jit
-def _tilted_moments_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature,
+def _tilted_moments_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv_temperature,
                            norm_t, norm_s, tilt, out_lse, out_mean, out_var, out_magnitude,
                            BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0)
+    program = tl.program_id(0)
+    row = program % rows
     a_t = tl.load(norm_t + row)
     a_s = tl.load(norm_s + row)
-    s = tl.load(tilt + row)
+    s = tl.load(tilt + program)
     running_max = tl.full([], float("-inf"), tl.float32)
     weight = tl.zeros([], tl.float32)
     mean = tl.zeros([], tl.float32)
@@ -75,10 +76,10 @@ def _tilted_moments_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temper
         m2 = m2 + block_m2 + delta * delta * weight * block_weight / total
         weight = total
         running_max = new_max
-    tl.store(out_lse + row, running_max + tl.log(weight))
-    tl.store(out_mean + row, mean)
-    tl.store(out_var + row, m2 / weight)
-    tl.store(out_magnitude + row, magnitude / weight)
+    tl.store(out_lse + program, running_max + tl.log(weight))
+    tl.store(out_mean + program, mean)
+    tl.store(out_var + program, m2 / weight)
+    tl.store(out_magnitude + program, magnitude / weight)
 
 
 @triton.jit
@@ -130,12 +131,17 @@ def log_normalisers(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int,
 def tilted_moments(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int,
                    temperature: float, norms: tuple[torch.Tensor, torch.Tensor],
                    tilt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per row, for p ∝ θ·e^{tilt·f}: (log normaliser, E[f], Var[f], E[|log t|+|log θ|+|x|])."""
+    """For p ∝ θ·e^{tilt·f}: (log normaliser, E[f], Var[f], E[|log t|+|log θ|+|x|]).
+
+    `tilt` is [rows] or [k, rows] (k tilts per row in one launch); outputs have its shape.
+    """
     rows = teacher.shape[0]
-    outputs = [torch.empty(rows, device=teacher.device, dtype=torch.float32) for _ in range(4)]
-    _tilted_moments_kernel[(rows,)](teacher, theta, teacher.stride(0), theta.stride(0),
-                                    vocab_size, 1.0 / temperature, norms[0], norms[1],
-                                    tilt.float().contiguous(), *outputs, BLOCK_SIZE=BLOCK)
+    tilt = tilt.float().contiguous()
+    outputs = [torch.empty(tilt.shape, device=teacher.device, dtype=torch.float32)
+               for _ in range(4)]
+    _tilted_moments_kernel[(tilt.numel(),)](teacher, theta, teacher.stride(0), theta.stride(0),
+                                            vocab_size, rows, 1.0 / temperature, norms[0],
+                                            norms[1], tilt, *outputs, BLOCK_SIZE=BLOCK)
     return tuple(outputs)
 
 

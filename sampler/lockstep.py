@@ -1,18 +1,23 @@
 """Two vLLM engines stepped together, one jointly drawn token per sequence and step.
 
-Per step, in this order:
+Per step, in this order (the teacher's host work first, so that theta's host work runs
+while the teacher's forward pass occupies the device):
 
-1. admit: queued pairs join both engines only while both can take them whole this step
-   (sequence slots, token budget for an unchunked prefill, and KV blocks reserved for the
-   pair's full length), so neither scheduler chunks, delays or preempts one of them;
-2. schedule both engines, and check they scheduled the same pairs the same way;
-3. run both forward passes; each keeps its own KV cache and is never re-run over a prefix;
-4. mix: align the theta rows to the teacher rows, compute q and draw one token per pair,
+1. teacher: update its scheduler with the previous step's output (finished pairs release
+   their reservations); admit queued pairs into both engines only while both can take them
+   whole this step (sequence slots, token budget for an unchunked prefill, KV blocks reserved
+   for the pair's full length), so neither scheduler chunks, delays or preempts one of them;
+   schedule the teacher and launch its forward pass;
+2. theta: update its scheduler with the previous step's output and check that both engines
+   appended the drawn tokens and finished the same pairs; schedule theta, check both engines
+   scheduled the same pairs the same way, and launch its forward pass; each engine keeps its
+   own KV cache and is never re-run over a prefix;
+3. mix: align the theta rows to the teacher rows, compute q and draw one token per pair,
    with randomness fixed by a per-step seed and each pair's rank in pair order;
-5. force: each engine samples with every logit but the drawn token masked;
-6. update both schedulers; check both appended the drawn token and finished the same pairs.
+4. force: each engine samples with every logit but the drawn token masked.
 
-Any disagreement raises `LockstepError` with the details; there is no fallback.
+Any disagreement raises `LockstepError` with the details; there is no fallback. After one,
+build a new pair: the engines may hold a half-finished step.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sampler.errors import IncompatibleModelsError, LockstepError
 from sampler.mixing import MixingConfig, mix_and_draw
-from sampler.vllm_internals import SteppedEngine, build_llm
+from sampler.vllm_internals import StepResult, SteppedEngine, build_llm
 
 logger = logging.getLogger(__name__)
 
@@ -168,30 +173,43 @@ class LockstepPair:
                         disable=not show_progress)
         try:
             device = self.teacher.device
-            while queue or active:
-                with self._phase("schedule"):
-                    admitted = self._admit(queue, active, reserved, stops)
-                    teacher_plan, theta_plan = self._schedule_both(admitted)
+            previous: tuple[object, object, dict[str, int]] | None = None
+            while True:
+                with self._phase("teacher_host"):
+                    teacher_done = self.teacher.update(previous[0]) if previous else None
+                    if teacher_done is not None:
+                        for request_id in teacher_done.finish_reasons:
+                            request = active.pop(request_id)
+                            reserved["teacher"] -= self.blocks_needed(
+                                self.teacher, len(request.teacher_prompt_ids), request.max_tokens)
+                            reserved["theta"] -= self.blocks_needed(
+                                self.theta, len(request.theta_prompt_ids), request.max_tokens)
+                            finish_reasons[request.index] = teacher_done.finish_reasons[request_id]
+                    teacher_plan = admitted = None
+                    if queue or active:
+                        admitted = self._admit(queue, active, reserved, stops)
+                        teacher_plan = self.teacher.schedule()
                 with self._phase("teacher_forward", device):
-                    self.teacher.execute(teacher_plan)
+                    if teacher_plan is not None:
+                        self.teacher.execute(teacher_plan)
+                with self._phase("theta_host"):
+                    if previous is not None:
+                        self._check_updates(previous[2], teacher_done,
+                                            self.theta.update(previous[1]))
+                        progress.update(len(teacher_done.finish_reasons))
+                    if teacher_plan is None:
+                        break
+                    theta_plan = self.theta.schedule()
+                    self._check_schedules(teacher_plan, theta_plan, admitted)
                 with self._phase("theta_forward", device):
                     self.theta.execute(theta_plan)
                 teacher_logits, teacher_rows = self.teacher.pending_logits()
                 theta_logits, theta_rows = self.theta.pending_logits()
                 tokens = self._mix_and_force(teacher_logits, teacher_rows, theta_logits,
                                              theta_rows, config, step_seed(seed, step), log)
+                previous = (teacher_plan, theta_plan, tokens)
                 step += 1
-                with self._phase("update"):
-                    finished = self._update_both(teacher_plan, theta_plan, tokens)
                 self.steps_run += 1
-                for request_id, reason in finished.items():
-                    request = active.pop(request_id)
-                    reserved["teacher"] -= self.blocks_needed(
-                        self.teacher, len(request.teacher_prompt_ids), request.max_tokens)
-                    reserved["theta"] -= self.blocks_needed(
-                        self.theta, len(request.theta_prompt_ids), request.max_tokens)
-                    finish_reasons[request.index] = reason
-                progress.update(len(finished))
         except BaseException:
             self._abort(list(active))
             raise
@@ -230,9 +248,9 @@ class LockstepPair:
             raise LockstepError("no pair could be admitted into an empty engine pair")
         return admitted
 
-    def _schedule_both(self, admitted: dict[str, PairRequest]) -> tuple[object, object]:
-        """Schedule both engines; raise unless both run exactly the same pairs, unchunked."""
-        teacher_plan, theta_plan = self.teacher.schedule(), self.theta.schedule()
+    def _check_schedules(self, teacher_plan: object, theta_plan: object,
+                         admitted: dict[str, PairRequest]) -> None:
+        """Raise unless both engines scheduled exactly the same pairs, prefills unchunked."""
         teacher_new, teacher_running, teacher_preempted = self.teacher.describe_schedule(teacher_plan)
         theta_new, theta_running, theta_preempted = self.theta.describe_schedule(theta_plan)
         problems = []
@@ -257,7 +275,6 @@ class LockstepPair:
                             f"theta {sorted(theta_preempted)}")
         if problems:
             raise LockstepError("engines scheduled different work: " + "; ".join(problems))
-        return teacher_plan, theta_plan
 
     def _mix_and_force(self, teacher_logits: torch.Tensor, teacher_rows: list[str],
                        theta_logits: torch.Tensor, theta_rows: list[str], config: MixingConfig,
@@ -285,11 +302,9 @@ class LockstepPair:
         log.values.append(values.numpy())
         return dict(zip(teacher_rows, values[:, 0].long().tolist()))
 
-    def _update_both(self, teacher_plan: object, theta_plan: object, tokens: dict[str, int]
-                     ) -> dict[str, str]:
-        """Update both schedulers; check they appended `tokens` and finished the same pairs."""
-        teacher_result = self.teacher.update(teacher_plan)
-        theta_result = self.theta.update(theta_plan)
+    def _check_updates(self, tokens: dict[str, int], teacher_result: StepResult,
+                       theta_result: StepResult) -> None:
+        """Raise unless both engines appended the drawn tokens and finished the same pairs."""
         expected = {request_id: [token] for request_id, token in tokens.items()}
         if teacher_result.new_token_ids != expected or theta_result.new_token_ids != expected:
             raise LockstepError(
@@ -300,7 +315,6 @@ class LockstepPair:
                                 f"{teacher_result.finish_reasons}, theta "
                                 f"{theta_result.finish_reasons}")
         self.tokens_checked += len(tokens)
-        return teacher_result.finish_reasons
 
     def _abort(self, request_ids: list[str]) -> None:
         """Leave both engines empty after a failure, so the pair stays usable."""

@@ -134,6 +134,9 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
                            tolerance: float, max_steps: int) -> torch.Tensor:
     """Root of a per-row increasing function on [lower, upper], clamped to the ends.
 
+    `gap(alpha)` returns (value, slope, rounding error) per entry of `alpha`, which holds one
+    value per row, or two (both ends of the bracket, evaluated in one call).
+
     Safeguarded Newton: a step that leaves the current bracket is replaced by bisection,
     and each evaluation narrows the bracket by the sign of the gap. A row stops when its
     step is below `tolerance` or its gap is below its own float32 rounding error.
@@ -142,8 +145,9 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
     high = torch.full((rows,), upper, device=device)
     if lower == upper:
         return low
-    gap_low, _, noise_low = gap(low)
-    gap_high, _, noise_high = gap(high)
+    ends, _, ends_noise = gap(torch.cat([low, high]))
+    gap_low, gap_high = ends[:rows], ends[rows:]
+    noise_low, noise_high = ends_noise[:rows], ends_noise[rows:]
     at_low = gap_low >= -noise_low
     at_high = (gap_high <= noise_high) & ~at_low
     done = at_low | at_high
@@ -184,9 +188,15 @@ def compute_alpha(log_teacher: torch.Tensor, log_theta: torch.Tensor, config: Mi
         return alpha.clamp(config.alpha_min, config.alpha_max)
     log_ratio = log_teacher - log_theta
     equation = _kl_symmetry_gap if config.alpha_method == "kl_symmetry" else _ess_gap
-    return _solve_increasing_root(
-        lambda alpha: equation(log_theta, log_ratio, alpha), config.alpha_min,
-        config.alpha_max, rows, device, config.tolerance, config.max_newton_steps)
+
+    def gap(alpha: torch.Tensor):
+        copies = alpha.shape[0] // rows
+        if copies == 1:
+            return equation(log_theta, log_ratio, alpha)
+        return equation(log_theta.repeat(copies, 1), log_ratio.repeat(copies, 1), alpha)
+
+    return _solve_increasing_root(gap, config.alpha_min, config.alpha_max, rows, device,
+                                  config.tolerance, config.max_newton_steps)
 
 
 def teacher_support_mask(log_teacher: torch.Tensor, top_k: int, top_p: float
@@ -271,10 +281,8 @@ def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor
         return mean, variance, ROUNDING_SLACK * magnitude
 
     def ess_gap(alpha: torch.Tensor):
-        k_low, mean_low, _, magnitude_low = moments(-alpha)
-        k_high, mean_high, _, magnitude_high = moments(2.0 - alpha)
-        return k_low - k_high, mean_high - mean_low, ROUNDING_SLACK * (magnitude_low +
-                                                                       magnitude_high)
+        k, mean, _, magnitude = moments(torch.stack([-alpha, 2.0 - alpha]))
+        return k[0] - k[1], mean[1] - mean[0], ROUNDING_SLACK * magnitude.sum(0)
 
     device = teacher_logits.device
     if config.alpha_method == "fixed":
