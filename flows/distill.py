@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import wait
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -95,7 +96,9 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
     shards = plan_shards(prompts, config, shard_size)
     logger.info("%d prompts in %d shards of up to %d", len(prompts), len(shards), shard_size)
     futures = generate_shard.map(shards, config=unmapped(config), data_dir=unmapped(str(root)))
-    wait(futures)
+    progress = create_progress_artifact(0.0, description=f"Shards of {run_id} generated")
+    for done, _ in enumerate(as_completed(futures), start=1):
+        update_progress_artifact(progress, 100.0 * done / max(len(shards), 1))
 
     problems, passed_tables, shard_rows = [], [], []
     counts = {"ok": 0, "reused": 0, "quarantined": 0, "failed": 0}

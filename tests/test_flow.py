@@ -120,6 +120,8 @@ def test_rerun_after_a_shard_is_lost_regenerates_only_that_shard(first_run):
 
 def test_a_shard_that_breaks_validation_is_quarantined_and_the_others_published(tmp_path):
     baseline = run("demo", tmp_path / "base")
+    neighbour = Path(baseline["partition"])
+    neighbour_bytes = neighbour.read_bytes()
     victim = sorted((tmp_path / "base" / "shards" / "demo").glob("*.parquet"))[0]
     table = pq.read_table(victim)
     broken = table.set_column(table.column_names.index("alpha_max"), "alpha_max",
@@ -135,6 +137,7 @@ def test_a_shard_that_breaks_validation_is_quarantined_and_the_others_published(
     failed = sql(tmp_path / "base", "SELECT failed_expectations FROM shards WHERE "
                                     "status = 'quarantined'")
     assert "alpha_max" in failed[0][0]
+    assert neighbour.read_bytes() == neighbour_bytes
 
 
 def test_rejected_rows_carry_their_reasons(tmp_path):
