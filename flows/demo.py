@@ -10,7 +10,7 @@ import sys
 
 import duckdb
 
-from flows.distill import DEFAULT_DATA_DIR, RunFailed, distill
+from flows.distill import RunFailed, distill
 
 logger = logging.getLogger("demo")
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,9 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import REPO_ROOT, load_dataset_config
-from tasks.generation import generate_shard, plan_shards
+from tasks.generation import (check_model_paths, generate_shard, plan_shards,
+                              remove_stale_temporaries)
+from tasks.locking import run_lock
 from tasks.publishing import code_version, publish
 from tasks.reporting import report_run
 from tasks.sql import connect, query
@@ -76,22 +78,53 @@ def _quarantine(path: Path, data_dir: Path, dataset: str) -> Path:
 
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int = 64,
-            data_dir: str | None = None) -> dict:
-    """Generate, validate and publish one dataset's partition for `run_date` (default today)."""
-    logger = get_run_logger()
+            data_dir: str | None = None, lock_wait_seconds: float = 0.0) -> dict:
+    """Generate, validate and publish one dataset's partition for `run_date` (default today).
+
+    A second run of the same dataset and date waits up to `lock_wait_seconds` for the first,
+    then is refused (`RunLocked`).
+    """
     config = load_dataset_config(dataset)
+    check_model_paths(config)
     run_date = run_date or date.today()
     root = Path(data_dir or DEFAULT_DATA_DIR).resolve()
+    with run_lock(root, config.name, run_date, lock_wait_seconds):
+        return _run(config, run_date, root, shard_size)
+
+
+def _run(config, run_date: date, root: Path, shard_size: int) -> dict:
+    """The body of `distill`, run while holding the (dataset, date) lock."""
+    logger = get_run_logger()
+    for folder in (root / "shards", root / "published"):
+        if folder.exists() and (removed := remove_stale_temporaries(folder)):
+            logger.info("removed %d temporary files left by crashed writers", removed)
     warehouse = root / "catalog.duckdb"
     flow_run_id = str(flow_run.get_id() or "local")
     run_id = f"{config.name}-{run_date.isoformat()}-{flow_run_id[:8]}"
-    started = datetime.now(timezone.utc).replace(tzinfo=None)
+    started = datetime.now(UTC).replace(tzinfo=None)
     run_row = dict(run_id=run_id, dataset=config.name, run_date=run_date, flow_run_id=flow_run_id,
                    config_hash=config.config_hash(), generation_hash=config.generation_hash(),
                    code_version=code_version(), started_at=started)
+    _record(warehouse, "mark_crashed", dataset=config.name, run_date=run_date)
     _record(warehouse, "record_run", **run_row, status="running", rows_published=None,
             message=None, finished_at=None)
+    try:
+        return _generate_and_publish(config, run_date, root, shard_size, run_id, run_row)
+    except RunFailed:
+        raise
+    except Exception as error:
+        _record(warehouse, "record_run", **run_row, status="failed", rows_published=0,
+                message=f"{type(error).__name__}: {error}"[:2000],
+                finished_at=datetime.now(UTC).replace(tzinfo=None))
+        raise
 
+
+def _generate_and_publish(config, run_date: date, root: Path, shard_size: int, run_id: str,
+                          run_row: dict) -> dict:
+    """Stage, generate, validate, publish and report; raises RunFailed if anything failed."""
+    logger = get_run_logger()
+    warehouse = root / "catalog.duckdb"
+    flow_run_id = run_row["flow_run_id"]
     prompts = stage_prompts(str(warehouse), config, run_id)
     shards = plan_shards(prompts, config, shard_size)
     logger.info("%d prompts in %d shards of up to %d", len(prompts), len(shards), shard_size)
@@ -150,7 +183,9 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
                            "; ".join(validation.failed_expectations)})
 
     rows_published, partition, alpha, published = 0, None, None, None
-    if passed_tables:
+    if problems and config.validation.all_or_nothing:
+        problems.append("validation.all_or_nothing is set; nothing published")
+    elif passed_tables:
         combined = pa.concat_tables(passed_tables)
         overall = validate_dataset(combined, config, str(root), run_id)
         _record(warehouse, "record_validation", run_id=run_id, dataset=config.name,
@@ -176,6 +211,8 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
         else:
             problems.append("dataset validation failed: "
                             + ", ".join(overall.failed_expectations) + "; nothing published")
+    elif not problems:
+        problems.append("no prompt to generate; nothing published")
     else:
         problems.append("no shard passed; nothing published")
 
@@ -189,7 +226,7 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
                          problems=problems)
     _record(warehouse, "record_run", **run_row, status=status, rows_published=rows_published,
             message="; ".join(problems) or None,
-            finished_at=datetime.now(timezone.utc).replace(tzinfo=None))
+            finished_at=datetime.now(UTC).replace(tzinfo=None))
     report_run(config.name, run_id, shard_rows, asdict(summary), published,
                str(root / "reports" / run_id))
     if problems:
@@ -222,10 +259,11 @@ def main() -> None:
     parser.add_argument("--run-date", type=date.fromisoformat, default=None)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--lock-wait-seconds", type=float, default=0.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     result = distill(dataset=args.dataset, run_date=args.run_date, shard_size=args.shard_size,
-                     data_dir=args.data_dir)
+                     data_dir=args.data_dir, lock_wait_seconds=args.lock_wait_seconds)
     print(json.dumps(result, indent=1, default=str))
 
 

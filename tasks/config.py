@@ -97,6 +97,9 @@ class ValidationConfig(Strict):
 
     max_length_finish_share: float = Field(default=1.0, ge=0, le=1)
     min_rows: int = Field(default=1, ge=0)
+    #: True: one quarantined or failed shard keeps the whole partition unpublished.
+    #: False: the shards that passed are published and the run still ends Failed.
+    all_or_nothing: bool = False
 
 
 class CurationConfig(Strict):

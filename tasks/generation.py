@@ -20,6 +20,7 @@ from prefect import task
 
 from sampler.prompts import PromptFormat
 from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
+from tasks.faults import crash_point
 from tasks.staging import StagedPrompt
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,17 @@ def plan_shards(prompts: list[StagedPrompt], config: DatasetConfig, shard_size: 
     return shards
 
 
+def check_model_paths(config: DatasetConfig) -> None:
+    """Fail fast, naming the field, when a model given as a local path does not exist."""
+    from sampler.errors import ConfigError
+
+    for role in ("teacher", "theta"):
+        name = getattr(config.models, role)
+        local = name.startswith(("/", "./", "../", "~"))
+        if local and not Path(name).expanduser().exists():
+            raise ConfigError(f"models.{role}: {name} does not exist")
+
+
 def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
     """Checkpoint paths; `tiny:` names are built locally on first use (no hub here)."""
     names = (config.models.teacher, config.models.theta)
@@ -94,7 +106,7 @@ class EngineCache:
     def run(self, key: str, build, work):
         with self._lock:
             if self._key != key:
-                self._sampler = None
+                self._key, self._sampler = None, None
                 self._sampler = build()
                 self._key = key
             return work(self._sampler)
@@ -143,7 +155,9 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard) -> pa.Table:
         "token_ids": output.generated_ids,
         "num_tokens": output.num_tokens,
         "finish_reason": output.finish_reasons,
-        "error": output.errors,
+        "error": [None if error is None else
+                  f"prompt {p.prompt_id} (source row {p.source_row}): {error.split(': ', 1)[-1]}"
+                  for error, (p, _) in zip(output.errors, expanded)],
         "alpha": output.alpha_history,
         "log_q": output.mixed_logprobs,
         "log_teacher": output.teacher_logprobs,
@@ -157,14 +171,36 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard) -> pa.Table:
     return pa.table(columns, schema=SHARD_SCHEMA)
 
 
-def write_atomically(table: pa.Table, path: Path) -> None:
+def write_atomically(table: pa.Table, path: Path, crash_point_name: str = "write") -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     pq.write_table(table, temporary)
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
+    crash_point(crash_point_name)
     os.replace(temporary, path)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files left by writers that died (their names carry the pid)."""
+    removed = 0
+    for temporary in folder.rglob(".*.tmp"):
+        pid = temporary.name.rsplit(".", 3)[-3]
+        if pid.isdigit() and not _alive(int(pid)):
+            temporary.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shard_path(shards_dir: Path, config: DatasetConfig, shard: Shard) -> Path:
@@ -183,6 +219,6 @@ def generate_shard(shard: Shard, config: DatasetConfig, data_dir: str) -> ShardO
                             sort_keys=True)
     table = ENGINES.run(engine_key, lambda: _build_sampler(config, root),
                         lambda sampler: generate_rows(sampler, config, shard))
-    write_atomically(table, path)
+    write_atomically(table, path, "shard-write")
     logger.info("shard %d (%s): %d rows written", shard.index, shard.key, table.num_rows)
     return ShardOutcome(shard, str(path), reused=False)

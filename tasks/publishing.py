@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from datetime import date, datetime, timezone
+from datetime import date, datetime, UTC
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,7 +62,7 @@ def partition_path(published_root: Path, dataset: str, run_date: date) -> Path:
 def publish_partition(table: pa.Table, published_root: Path, dataset: str, run_date: date) -> Path:
     """Atomically replace one partition's file; other partitions are untouched."""
     path = partition_path(published_root, dataset, run_date)
-    write_atomically(table, path)
+    write_atomically(table, path, "publish")
     return path
 
 
@@ -83,7 +83,7 @@ def publish(table: pa.Table, config: DatasetConfig, data_dir: str, run_date: dat
             reference_answers: dict[str, str], lineage: dict[str, object]) -> tuple[str, int]:
     root = Path(data_dir)
     curated = curate(table, config, reference_answers,
-                     {**lineage, "created_at": datetime.now(timezone.utc).replace(tzinfo=None)})
+                     {**lineage, "created_at": datetime.now(UTC).replace(tzinfo=None)})
     path = publish_partition(curated, root / "published", config.name, run_date)
     refresh_catalog(root / "catalog.duckdb", root / "published")
     logger.info("published %d rows to %s", curated.num_rows, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from pathlib import Path
 
@@ -16,9 +17,21 @@ def query(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text()
 
 
-def connect(path: Path) -> duckdb.DuckDBPyConnection:
-    """Open (creating if needed) a warehouse file with the schema in place."""
+def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
+    """Open (creating if needed) a warehouse file with the schema in place.
+
+    DuckDB lets one process write a file at a time; another run or a reader holding it
+    makes this wait and retry (up to `wait_seconds`) rather than fail.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    connection = duckdb.connect(str(path))
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            connection = duckdb.connect(str(path))
+            break
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower() or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
     connection.execute(query("schema"))
     return connection

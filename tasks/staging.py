@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import duckdb
@@ -20,8 +20,7 @@ from tasks.sql import connect, query
 
 logger = logging.getLogger(__name__)
 
-READERS = {"jsonl": "read_json_auto(?, format='newline_delimited')", "csv": "read_csv_auto(?)",
-           "parquet": "read_parquet(?)"}
+READERS = {"csv": "read_csv_auto(?)", "parquet": "read_parquet(?)"}
 
 
 @dataclass(frozen=True)
@@ -34,27 +33,61 @@ class StagedPrompt:
     fields: dict[str, str]
 
 
-def read_source(connection: duckdb.DuckDBPyConnection, config: DatasetConfig) -> pd.DataFrame:
-    """All source rows as a DataFrame with `source_row`; an unreadable source names itself."""
+def read_jsonl(path: Path, limit: int | None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """JSONL read line by line, so one bad line (invalid UTF-8, broken JSON) is one reject."""
+    records, rejects = [], []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not raw.strip():
+                continue
+            problem = None
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    problem = f"not a JSON object but {type(record).__name__}"
+            except UnicodeDecodeError as error:
+                problem = f"invalid UTF-8 at byte {error.start} of the line"
+            except json.JSONDecodeError as error:
+                problem = f"not valid JSON ({error})"
+            if problem:
+                rejects.append({"source_row": number, "prompt_id": None,
+                                "reason": f"row {number}: {problem}",
+                                "raw": raw[:4000].decode("utf-8", errors="replace")})
+                continue
+            records.append({"source_row": number, **record})
+    return pd.DataFrame.from_records(records), rejects
+
+
+def read_source(connection: duckdb.DuckDBPyConnection, config: DatasetConfig
+                ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Source rows with `source_row`, and rows unreadable on their own (as rejects).
+
+    A source that cannot be read at all, or lacks a configured column, raises naming it.
+    """
     source = config.source
-    if source.format == "duckdb_query":
-        sql, parameters = query("read_source").format(reader=f"({source.query})"), []
-    else:
-        path = source.resolved_path()
-        if not path.exists():
-            raise ConfigError(f"source.path: {path} does not exist")
-        sql, parameters = query("read_source").format(reader=READERS[source.format]), [str(path)]
-    if source.limit:
-        sql += f"\nLIMIT {int(source.limit)}"
+    rejects: list[dict[str, Any]] = []
+    path = None if source.format == "duckdb_query" else source.resolved_path()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"source.path: {path} does not exist or is not a file")
     try:
-        frame = connection.execute(sql, parameters).df()
-    except duckdb.Error as error:
+        if source.format == "jsonl":
+            frame, rejects = read_jsonl(path, source.limit)
+        else:
+            reader = f"({source.query})" if path is None else READERS[source.format]
+            sql = query("read_source").format(reader=reader)
+            if source.limit:
+                sql += f"\nLIMIT {int(source.limit)}"
+            frame = connection.execute(sql, [] if path is None else [str(path)]).df()
+    except (duckdb.Error, OSError) as error:
         raise ConfigError(f"source: cannot read {source.path or 'query'}: {error}") from error
     missing = [c for c in [*config.text_columns, *filter(None, [config.id_column])]
                if c not in frame.columns]
     if missing:
-        raise ConfigError(f"source: column(s) {missing} missing; it has {list(frame.columns)}")
-    return frame
+        raise ConfigError(f"source: column(s) {missing} missing; it has "
+                          f"{[c for c in frame.columns if c != 'source_row']}")
+    return frame, rejects
 
 
 def content_hash(fields: dict[str, str]) -> str:
@@ -69,7 +102,8 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
     for record in frame.to_dict("records"):
         row = int(record["source_row"])
 
-        def reject(reason: str, prompt_id: str | None = None) -> None:
+        def reject(reason: str, prompt_id: str | None = None, row: int = row,
+                   record: dict = record) -> None:
             rejects.append({"source_row": row, "prompt_id": prompt_id,
                             "reason": f"row {row}: {reason}",
                             "raw": json.dumps(record, default=str)[:4000]})
@@ -117,7 +151,7 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
 def write_staged(connection: duckdb.DuckDBPyConnection, config: DatasetConfig, run_id: str,
                  prompts: list[StagedPrompt], rejects: list[dict[str, Any]]) -> None:
     """Upsert prompts and append rejects in one transaction."""
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     staged = pd.DataFrame([{"dataset": config.name, "prompt_id": p.prompt_id,
                             "content_hash": p.content_hash, "source_row": p.source_row,
                             "fields": json.dumps(p.fields), "teacher_prompt": p.teacher_prompt,
@@ -148,7 +182,7 @@ def record_rejects(connection: duckdb.DuckDBPyConnection, dataset: str, run_id: 
     """Append rejects found after staging (e.g. prompts too long for the model's context)."""
     if not rejects:
         return
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     rejected = pd.DataFrame([{"run_id": run_id, "dataset": dataset, "stage": stage,
                               "rejected_at": now, "source_row": None, "raw": None, **r}
                              for r in rejects],
@@ -166,8 +200,9 @@ def stage_prompts(warehouse: str, config: DatasetConfig, run_id: str) -> list[St
     """Load the source into the warehouse; returns the usable prompts of this run."""
     connection = connect(Path(warehouse))
     try:
-        frame = read_source(connection, config)
+        frame, unreadable = read_source(connection, config)
         prompts, rejects = normalise_rows(frame, config)
+        rejects = unreadable + rejects
         write_staged(connection, config, run_id, prompts, rejects)
     finally:
         connection.close()
