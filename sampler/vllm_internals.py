@@ -99,6 +99,7 @@ class SteppedEngine:
         self.num_kv_blocks: int = self._scheduler.kv_cache_manager.block_pool.num_gpu_blocks
         self.logits_width: int = config.model_config.get_vocab_size()
         self.device: torch.device = torch.device(self._runner.device)
+        self._pending_output: Any = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
                     stop_token_ids: list[int]) -> None:
@@ -140,17 +141,13 @@ class SteppedEngine:
         rows = state.logits.shape[0]
         return state.logits, list(self._runner.input_batch.req_ids[:rows])
 
-    def sample_forced(self, token_ids: torch.Tensor) -> dict[str, int]:
+    def sample_forced(self, token_ids: torch.Tensor) -> None:
         """Let the engine sample, with every logit but `token_ids[row]` set to −inf."""
         state = self._runner.execute_model_state
         forced = torch.full_like(state.logits, float("-inf"))
         forced.scatter_(1, token_ids.to(forced.device, torch.long)[:, None], 0.0)
         self._runner.execute_model_state = state._replace(logits=forced)
         self._pending_output = self._executor.sample_tokens(None)
-        output = self._pending_output
-        return {req_id: output.sampled_token_ids[index][0]
-                for index, req_id in enumerate(output.req_ids)
-                if output.sampled_token_ids[index]}
 
     def update(self, scheduler_output: Any) -> StepResult:
         """Hand the step's output back to the scheduler; report tokens and finished requests."""
@@ -163,9 +160,6 @@ class SteppedEngine:
                 if item.finish_reason is not None:
                     result.finish_reasons[item.request_id] = str(item.finish_reason)
         return result
-
-    def has_unfinished(self) -> bool:
-        return self._scheduler.has_unfinished_requests()
 
     def abort(self, request_ids: list[str]) -> None:
         self._core.abort_requests(request_ids)

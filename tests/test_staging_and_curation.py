@@ -1,0 +1,61 @@
+"""Every source format staged through real DuckDB, and the GSM8K final-answer filter."""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import DATASETS_DIR, parse_dataset_config
+from tasks.publishing import curate, final_answer
+from tasks.staging import normalise_rows, read_source
+
+ROWS = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+        {"question": "How many legs has a cat?", "answer": "#### 4"},
+        {"question": "", "answer": "#### 0"}]
+
+
+def config_for(source_yaml: str):
+    text = (DATASETS_DIR / "demo.yaml").read_text()
+    start = text.index("source:")
+    end = text.index("text_columns:")
+    return parse_dataset_config(text[:start] + source_yaml + text[end:], "test.yaml")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "duckdb_query"])
+def test_every_source_format_stages_the_same_prompts(tmp_path, fmt):
+    table = pa.Table.from_pylist(ROWS)
+    if fmt == "csv":
+        path = tmp_path / "rows.csv"
+        duckdb.from_arrow(table).write_csv(str(path))
+        source = f"source:\n  format: csv\n  path: {path}\n"
+    elif fmt == "parquet":
+        path = tmp_path / "rows.parquet"
+        pq.write_table(table, path)
+        source = f"source:\n  format: parquet\n  path: {path}\n"
+    else:
+        path = tmp_path / "rows.parquet"
+        pq.write_table(table, path)
+        source = (f"source:\n  format: duckdb_query\n  query: \"SELECT * FROM "
+                  f"read_parquet('{path}') ORDER BY length(question) DESC\"\n")
+    config = config_for(source)
+    connection = duckdb.connect()
+    frame, unreadable = read_source(connection, config)
+    prompts, rejects = normalise_rows(frame, config)
+    assert unreadable == []
+    assert sorted(p.fields["question"] for p in prompts) == sorted(r["question"] for r in ROWS[:2])
+    assert len(rejects) == 1 and "row 3: field 'question' is " in rejects[0]["reason"]
+    assert all("Reference solution" in p.teacher_prompt for p in prompts)
+    assert all("Reference solution" not in p.theta_prompt for p in prompts)
+
+
+def test_gsm8k_answer_check_keeps_only_matching_final_answers():
+    config = parse_dataset_config((DATASETS_DIR / "gsm8k.yaml").read_text(), "gsm8k.yaml")
+    table = pa.table({"prompt_id": ["a", "b", "c"],
+                      "completion": ["so the total is #### 5", "#### 1,000.", "no final answer"]})
+    curated = curate(table, config, {"a": "... #### 5", "b": "#### 1000", "c": "#### 3"},
+                     {"run_id": "r1"})
+    assert curated["prompt_id"].to_pylist() == ["a", "b"]
+    assert curated["run_id"].to_pylist() == ["r1", "r1"]
+    assert final_answer("x #### -12.5") == "-12.5" and final_answer("none") is None
