@@ -66,6 +66,14 @@ def save_alpha_history(output: OptimalSamplingOutput, path: str | Path) -> None:
     os.replace(temporary, path)
 
 
+def model_context_length(model: str) -> int:
+    """The checkpoint's own context length: with unchunked prefills (which the lockstep
+    needs) vLLM wants a token budget at least that large."""
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0) or 0)
+
+
 class OptimalSamplingV1:
     """Draws each token from q ∝ π_θ^(1-α)·π_t^α with two vLLM engines in lockstep."""
 
@@ -99,8 +107,9 @@ class OptimalSamplingV1:
                         **(teacher_engine_kwargs or {})}
         theta_args = {"gpu_memory_utilization": theta_gpu_memory_utilization, **shared,
                       **(theta_engine_kwargs or {})}
-        for args in (teacher_args, theta_args):
-            args.setdefault("max_num_batched_tokens", max(8192, args.get("max_model_len") or 0))
+        for model, args in ((self.model_teacher, teacher_args), (self.model_theta, theta_args)):
+            context = args.get("max_model_len") or model_context_length(model)
+            args.setdefault("max_num_batched_tokens", max(8192, context))
         self.pair = LockstepPair.from_models(self.model_teacher, self.model_theta,
                                              len(self.tokenizer), self.stop_token_ids,
                                              teacher_args, theta_args)

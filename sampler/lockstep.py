@@ -104,6 +104,7 @@ class LockstepPair:
         self.tokens_checked = 0
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
+        self._cached_alignment: tuple | None = None
 
     @classmethod
     def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
@@ -280,27 +281,47 @@ class LockstepPair:
                        theta_logits: torch.Tensor, theta_rows: list[str], config: MixingConfig,
                        seed: int, log: _StepLog) -> dict[str, int]:
         """Draw one token per pair from q and force it in both engines; returns the tokens."""
-        if sorted(teacher_rows) != sorted(theta_rows):
-            raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
-        theta_position = {request_id: row for row, request_id in enumerate(theta_rows)}
-        teacher_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
         device = teacher_logits.device
-        theta_for_teacher = torch.tensor([theta_position[r] for r in teacher_rows], device=device)
-        teacher_for_theta = torch.tensor([teacher_position[r] for r in theta_rows], device=device)
-        pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
-        rank_in_pair_order = torch.tensor(np.argsort(np.argsort(pair_indices)), device=device)
+        alignment = self._alignment(tuple(teacher_rows), tuple(theta_rows), device)
+        pair_indices, rank_in_pair_order, theta_for_teacher, teacher_for_theta = alignment
+        if theta_for_teacher is not None:
+            theta_logits = theta_logits[theta_for_teacher]
         with self._phase("mixing", device):
-            draw = mix_and_draw(teacher_logits, theta_logits.to(device)[theta_for_teacher],
-                                self.vocab_size, config, seed, rank_in_pair_order)
+            draw = mix_and_draw(teacher_logits, theta_logits, self.vocab_size, config, seed,
+                                rank_in_pair_order)
         with self._phase("sample", device):
             self.teacher.sample_forced(draw.token_ids)
-            self.theta.sample_forced(draw.token_ids[teacher_for_theta])
+            self.theta.sample_forced(draw.token_ids if teacher_for_theta is None
+                                     else draw.token_ids[teacher_for_theta])
             values = torch.stack([draw.token_ids.double(), draw.alpha.double(),
                                   draw.log_q.double(), draw.log_teacher.double(),
                                   draw.log_theta.double()], dim=1).cpu()
         log.pair_indices.append(pair_indices)
         log.values.append(values.numpy())
         return dict(zip(teacher_rows, values[:, 0].long().tolist()))
+
+    def _alignment(self, teacher_rows: tuple[str, ...], theta_rows: tuple[str, ...],
+                   device: torch.device) -> tuple:
+        """Pair index and rank of each teacher row, and the row permutations between engines
+        (None where both engines order their rows alike); reused while the rows are unchanged."""
+        key = (teacher_rows, theta_rows)
+        if self._cached_alignment is not None and self._cached_alignment[0] == key:
+            return self._cached_alignment[1]
+        if sorted(teacher_rows) != sorted(theta_rows):
+            raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
+        pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
+        ranks = torch.tensor(np.argsort(np.argsort(pair_indices)), device=device)
+        theta_for_teacher = teacher_for_theta = None
+        if teacher_rows != theta_rows:
+            theta_position = {request_id: row for row, request_id in enumerate(theta_rows)}
+            teacher_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
+            theta_for_teacher = torch.tensor([theta_position[r] for r in teacher_rows],
+                                             device=device)
+            teacher_for_theta = torch.tensor([teacher_position[r] for r in theta_rows],
+                                             device=device)
+        alignment = (pair_indices, ranks, theta_for_teacher, teacher_for_theta)
+        self._cached_alignment = (key, alignment)
+        return alignment
 
     def _check_updates(self, tokens: dict[str, int], teacher_result: StepResult,
                        theta_result: StepResult) -> None:
@@ -317,7 +338,7 @@ class LockstepPair:
         self.tokens_checked += len(tokens)
 
     def _abort(self, request_ids: list[str]) -> None:
-        """Leave both engines empty after a failure, so the pair stays usable."""
+        """Best effort after a failure: abort this call's pairs in both engines."""
         for engine in (self.teacher, self.theta):
             try:
                 engine.abort(request_ids)

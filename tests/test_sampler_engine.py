@@ -234,3 +234,18 @@ def test_models_with_different_tokenizers_are_refused(tiny_pair, tmp_path, gsm8k
 def test_missing_model_path_is_named(tiny_pair, tmp_path):
     with pytest.raises(IncompatibleModelsError, match="model_theta"):
         OptimalSamplingV1(str(tiny_pair[0]), str(tmp_path / "no-such-model"))
+
+
+def test_rows_in_different_orders_are_aligned_by_pair(sampler):
+    import torch
+
+    teacher_rows, theta_rows = ("pair-7", "pair-2", "pair-5"), ("pair-2", "pair-5", "pair-7")
+    indices, ranks, theta_for_teacher, teacher_for_theta = sampler.pair._alignment(
+        teacher_rows, theta_rows, torch.device("cpu"))
+    assert indices.tolist() == [7, 2, 5] and ranks.tolist() == [2, 0, 1]
+    assert [theta_rows[i] for i in theta_for_teacher.tolist()] == list(teacher_rows)
+    assert [teacher_rows[i] for i in teacher_for_theta.tolist()] == list(theta_rows)
+    same = sampler.pair._alignment(teacher_rows, teacher_rows, torch.device("cpu"))
+    assert same[2] is None and same[3] is None
+    with pytest.raises(Exception, match="logit rows differ"):
+        sampler.pair._alignment(("pair-1",), ("pair-3",), torch.device("cpu"))
