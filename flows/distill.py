@@ -26,12 +26,13 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import REPO_ROOT, load_dataset_config
-from tasks.generation import (check_model_paths, generate_shard, plan_shards,
-                              remove_stale_temporaries)
+from tasks.atomic_files import remove_stale_temporaries
+from tasks.generation import check_model_paths, generate_shard, plan_shards
 from tasks.locking import run_lock
 from tasks.publishing import code_version, publish
 from tasks.reporting import report_run
-from tasks.sql import connect, query
+from tasks.sql import query
+from tasks.sql import warehouse as open_warehouse
 from tasks.staging import record_rejects, stage_prompts
 from tasks.validation import validate_dataset, validate_shard
 
@@ -62,11 +63,8 @@ class RunSummary:
 
 
 def _record(warehouse: Path, name: str, **values) -> None:
-    connection = connect(warehouse)
-    try:
+    with open_warehouse(warehouse) as connection:
         connection.execute(query(name), values)
-    finally:
-        connection.close()
 
 
 def _quarantine(path: Path, data_dir: Path, dataset: str) -> Path:
@@ -235,22 +233,16 @@ def _generate_and_publish(config, run_date: date, root: Path, shard_size: int, r
 
 
 def record_rejects_for(warehouse: Path, dataset: str, run_id: str, refused: pa.Table) -> None:
-    connection = connect(warehouse)
-    try:
+    with open_warehouse(warehouse) as connection:
         record_rejects(connection, dataset, run_id, "generate",
                        [{"prompt_id": p, "reason": e} for p, e in
                         zip(refused["prompt_id"].to_pylist(), refused["error"].to_pylist())])
-    finally:
-        connection.close()
 
 
 def _count_rejects(warehouse: Path, run_id: str) -> int:
-    connection = connect(warehouse)
-    try:
+    with open_warehouse(warehouse) as connection:
         return connection.execute("SELECT count(*) FROM rejects WHERE run_id = ?",
                                   [run_id]).fetchone()[0]
-    finally:
-        connection.close()
 
 
 def main() -> None:

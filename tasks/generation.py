@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
 from sampler.prompts import PromptFormat
 from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
-from tasks.faults import crash_point
+from tasks.atomic_files import write_atomically
 from tasks.staging import StagedPrompt
 
 logger = logging.getLogger(__name__)
@@ -169,38 +168,6 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard) -> pa.Table:
         "seed": [seed] * len(expanded),
     }
     return pa.table(columns, schema=SHARD_SCHEMA)
-
-
-def write_atomically(table: pa.Table, path: Path, crash_point_name: str = "write") -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    pq.write_table(table, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    crash_point(crash_point_name)
-    os.replace(temporary, path)
-
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files left by writers that died (their names carry the pid)."""
-    removed = 0
-    for temporary in folder.rglob(".*.tmp"):
-        pid = temporary.name.rsplit(".", 3)[-3]
-        if pid.isdigit() and not _alive(int(pid)):
-            temporary.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shard_path(shards_dir: Path, config: DatasetConfig, shard: Shard) -> Path:

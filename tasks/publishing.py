@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 from prefect import task
 
 from tasks.config import REPO_ROOT, DatasetConfig
-from tasks.generation import write_atomically
-from tasks.sql import connect, query
+from tasks.atomic_files import write_atomically
+from tasks.sql import query
+from tasks.sql import warehouse as open_warehouse
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +69,11 @@ def publish_partition(table: pa.Table, published_root: Path, dataset: str, run_d
 
 def refresh_catalog(warehouse: Path, published_root: Path) -> None:
     """(Re)create the SQL views over the published Parquet and the run tables."""
-    connection = connect(warehouse)
-    try:
-        glob = str(published_root.resolve() / "*" / "*" / "*.parquet")
-        if not any(published_root.glob("*/*/*.parquet")):
-            return
+    if not any(published_root.glob("*/*/*.parquet")):
+        return
+    glob = str(published_root.resolve() / "*" / "*" / "*.parquet")
+    with open_warehouse(warehouse) as connection:
         connection.execute(query("catalog").format(published_glob=glob))
-    finally:
-        connection.close()
 
 
 @task(name="publish-partition")

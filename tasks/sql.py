@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -35,3 +37,13 @@ def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnectio
             time.sleep(0.5)
     connection.execute(query("schema"))
     return connection
+
+
+@contextlib.contextmanager
+def warehouse(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection for one piece of work, closed afterwards so other processes can write."""
+    connection = connect(path)
+    try:
+        yield connection
+    finally:
+        connection.close()

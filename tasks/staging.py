@@ -16,7 +16,8 @@ from prefect import task
 
 from sampler.errors import ConfigError
 from tasks.config import DatasetConfig
-from tasks.sql import connect, query
+from tasks.sql import query
+from tasks.sql import warehouse as open_warehouse
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,17 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
     return list(staged.values()), rejects
 
 
+REJECT_COLUMNS = ["run_id", "dataset", "stage", "source_row", "prompt_id", "reason", "raw",
+                  "rejected_at"]
+
+
+def _rejects_frame(dataset: str, run_id: str, stage: str, rejects: list[dict[str, Any]],
+                   now: datetime) -> pd.DataFrame:
+    rows = [{"source_row": None, "prompt_id": None, "raw": None, **r, "run_id": run_id,
+             "dataset": dataset, "stage": stage, "rejected_at": now} for r in rejects]
+    return pd.DataFrame(rows, columns=REJECT_COLUMNS)
+
+
 def write_staged(connection: duckdb.DuckDBPyConnection, config: DatasetConfig, run_id: str,
                  prompts: list[StagedPrompt], rejects: list[dict[str, Any]]) -> None:
     """Upsert prompts and append rejects in one transaction."""
@@ -158,10 +170,7 @@ def write_staged(connection: duckdb.DuckDBPyConnection, config: DatasetConfig, r
                             "theta_prompt": p.theta_prompt, "staged_at": now} for p in prompts],
                           columns=["dataset", "prompt_id", "content_hash", "source_row", "fields",
                                    "teacher_prompt", "theta_prompt", "staged_at"])
-    rejected = pd.DataFrame([{"run_id": run_id, "dataset": config.name, "stage": "stage",
-                              "rejected_at": now, **r} for r in rejects],
-                            columns=["run_id", "dataset", "stage", "source_row", "prompt_id",
-                                     "reason", "raw", "rejected_at"])
+    rejected = _rejects_frame(config.name, run_id, "stage", rejects, now)
     connection.execute("BEGIN TRANSACTION")
     try:
         connection.register("staged", staged)
@@ -182,13 +191,8 @@ def record_rejects(connection: duckdb.DuckDBPyConnection, dataset: str, run_id: 
     """Append rejects found after staging (e.g. prompts too long for the model's context)."""
     if not rejects:
         return
-    now = datetime.now(UTC).replace(tzinfo=None)
-    rejected = pd.DataFrame([{"run_id": run_id, "dataset": dataset, "stage": stage,
-                              "rejected_at": now, "source_row": None, "raw": None, **r}
-                             for r in rejects],
-                            columns=["run_id", "dataset", "stage", "source_row", "prompt_id",
-                                     "reason", "raw", "rejected_at"])
-    connection.register("rejected", rejected)
+    connection.register("rejected", _rejects_frame(dataset, run_id, stage, rejects,
+                                                   datetime.now(UTC).replace(tzinfo=None)))
     try:
         connection.execute(query("insert_rejects"))
     finally:
@@ -198,13 +202,10 @@ def record_rejects(connection: duckdb.DuckDBPyConnection, dataset: str, run_id: 
 @task(name="stage-prompts")
 def stage_prompts(warehouse: str, config: DatasetConfig, run_id: str) -> list[StagedPrompt]:
     """Load the source into the warehouse; returns the usable prompts of this run."""
-    connection = connect(Path(warehouse))
-    try:
+    with open_warehouse(Path(warehouse)) as connection:
         frame, unreadable = read_source(connection, config)
         prompts, rejects = normalise_rows(frame, config)
         rejects = unreadable + rejects
         write_staged(connection, config, run_id, prompts, rejects)
-    finally:
-        connection.close()
     logger.info("staged %d prompts, rejected %d rows", len(prompts), len(rejects))
     return prompts
