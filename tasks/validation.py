@@ -84,15 +84,10 @@ def dataset_expectations(config: DatasetConfig) -> list:
     ]
 
 
-def _context(root: Path):
-    context = gx.get_context(mode="file", project_root_dir=str(root))
-    return context
-
-
 def run_suite(gx_root: Path, results_dir: Path, name: str, expectations: list,
               frame: pd.DataFrame) -> ValidationOutcome:
     """Validate `frame` with a checkpoint that also updates the Data Docs; keep the result JSON."""
-    context = _context(gx_root)
+    context = gx.get_context(mode="file", project_root_dir=str(gx_root))
     source = context.data_sources.add_or_update_pandas("generated")
     try:
         asset = source.get_asset(name)

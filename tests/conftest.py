@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GSM8K_PATH = Path(os.environ.get("GSM8K_PATH", REPO_ROOT.parent / "shared/data/gsm8k/test.jsonl"))
-
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tasks.generation import GSM8K_PATH  # noqa: E402 - after the environment is set
 
 
 @pytest.fixture(scope="session")
