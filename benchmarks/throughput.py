@@ -8,9 +8,14 @@ One command runs every arm and size on the GPU machine; each arm runs in its own
 Arms, on the same token-id prompts (theta prompt 150–300 tokens, teacher prompt the same
 plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
 - baseline: `vllm.LLM.generate` of the teacher with vLLM's default settings;
-- mixed: the lockstep pair with kl_symmetry; then one profiled run splitting step time into
-  phases, and a record of a few sequences for the log-prob check;
-- check: transformers recomputes log t(y) and log θ(y) of those sequences.
+- mixed: the lockstep pair with kl_symmetry, steps overlapped (async scheduling); first the
+  fused mixing kernels against the torch path on random logits of the real size; after the
+  timed runs, one profiled run splitting step time into phases (device synchronised, so
+  phases do not overlap there), a run with stop tokens (pairs stop one step before the
+  scheduler learns of it), and a record of a few sequences for the log-prob check;
+- mixed_serial: the same pair with serial steps (no async scheduling), for comparison; its
+  batch-64 tokens are compared with the overlapped arm's;
+- check: transformers recomputes log t(y) and log θ(y) of the recorded sequences.
 Results: results.json (every arm's figures, and a failed arm's log tail) and results.md under
 --out; per-arm files and logs under --work.
 """
@@ -32,7 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 logger = logging.getLogger("benchmark")
 
-PAIRS = {"7b_0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b_0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b")}
+PAIRS = {"7b_0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b_0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b"),
+         "smoke": ("qwen2.5-0.5b", "qwen2.5-0.5b")}
+ARMS = ("baseline", "mixed", "mixed_serial", "check")
 CHECKED_SEQUENCES = 3
 
 
@@ -77,16 +84,75 @@ def run_baseline(args: argparse.Namespace) -> dict:
     return {"throughput": results, **gpu_facts()}
 
 
+def check_kernels() -> dict:
+    """Fused kernels against the torch path on one step of real-size random logits."""
+    import torch
+
+    import sampler.mixing as mixing
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    rows, vocab = 256, 151_936
+    teacher = (torch.randn(rows, 152_064, device="cuda", generator=generator) * 4).bfloat16()
+    theta = (0.5 * teacher.float() + torch.randn(rows, 151_936, device="cuda",
+                                                  generator=generator) * 3).bfloat16()
+    config = mixing.MixingConfig(alpha_method="kl_symmetry")
+    ranks = torch.arange(rows, device="cuda")
+    timings, draws = {}, {}
+    for backend in ("fused", "torch"):
+        mixing.BACKEND = backend
+        for _ in range(3):
+            mixing.mix_and_draw(teacher, theta, vocab, config, 1, ranks)
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            draws[backend] = mixing.mix_and_draw(teacher, theta, vocab, config, 1, ranks)
+        stop.record()
+        torch.cuda.synchronize()
+        timings[backend] = start.elapsed_time(stop) / 20
+    mixing.BACKEND = "auto"
+    log_t = mixing.tempered_log_probs(teacher, vocab, 1.0)
+    log_s = mixing.tempered_log_probs(theta, vocab, 1.0)
+    fused = draws["fused"]
+    log_q = mixing.mixture_log_probs(log_t, log_s, fused.alpha, config)
+    picked = fused.token_ids[:, None]
+    return {"rows": rows, "vocab": vocab, "ms_per_step": timings,
+            "max_abs_alpha_difference": float((fused.alpha - draws["torch"].alpha).abs().max()),
+            "max_abs_log_q_difference": float(
+                (fused.log_q - log_q.gather(1, picked).squeeze(1)).abs().max())}
+
+
+def check_stops(pair, requests, config) -> dict:
+    """Stop tokens taken from an unstopped run make pairs stop at different steps; every
+    token is still checked in lockstep, and each trace ends where its engine stopped it."""
+    probe = pair.generate(requests(64, 64), config, seed=3, show_progress=False)
+    stops = sorted({int(probe[i].columns[20, 0]) for i in range(32)})
+    checked_before = pair.tokens_checked
+    traces = pair.generate(requests(64, 64), config, seed=3, show_progress=False,
+                           stop_token_ids=stops)
+    lengths = [len(t.columns) for t in traces.values()]
+    consistent = all(
+        (t.finish_reason == "stop" and int(t.columns[-1, 0]) in stops and len(t.columns) <= 64)
+        or (t.finish_reason == "length" and len(t.columns) == 64) for t in traces.values())
+    return {"stop_tokens": len(stops), "sequences": len(traces),
+            "stopped_early": sum(t.finish_reason == "stop" for t in traces.values()),
+            "min_length": min(lengths), "traces_consistent": consistent,
+            "tokens_recorded": sum(lengths),
+            "tokens_checked": pair.tokens_checked - checked_before}
+
+
 def run_mixed(args: argparse.Namespace) -> dict:
     from sampler.lockstep import LockstepPair, PairRequest
     from sampler.mixing import MixingConfig
 
+    overlap = args.arm == "mixed"
+    kernels = check_kernels() if overlap else None
     teacher_prompts, theta_prompts = make_prompts(max(args.batches))
     common = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 256,
               "max_num_batched_tokens": 16384}
     pair = LockstepPair.from_models(
         str(Path(args.models) / args.teacher), str(Path(args.models) / args.theta), None, [],
-        {**common, "gpu_memory_utilization": 0.55}, {**common, "gpu_memory_utilization": 0.3})
+        {**common, "gpu_memory_utilization": 0.55}, {**common, "gpu_memory_utilization": 0.3},
+        overlap_steps=overlap)
     config = MixingConfig(alpha_method="kl_symmetry")
 
     def requests(batch: int, new_tokens: int) -> list[PairRequest]:
@@ -102,13 +168,16 @@ def run_mixed(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - start
         tokens = sum(len(t.columns) for t in traces.values())
         results[str(batch)] = {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
-        logger.info("mixed %s+%s batch %d: %.0f tok/s", args.teacher, args.theta, batch,
+        logger.info("%s %s+%s batch %d: %.0f tok/s", args.arm, args.teacher, args.theta, batch,
                     tokens / seconds)
         if batch == min(args.batches):
             record = {str(i): {"teacher_prompt": teacher_prompts[i],
                                "theta_prompt": theta_prompts[i],
                                "columns": traces[i].columns.tolist()}
                       for i in range(CHECKED_SEQUENCES)}
+            Path(args.tokens).write_text(json.dumps(
+                {str(i): t.columns[:, 0].astype(int).tolist() for i, t in traces.items()}))
+    stops = check_stops(pair, requests, config)
     profile_batch, profile_tokens = max(args.batches), 256
     pair.enable_phase_timing()
     steps_before = pair.steps_run
@@ -120,12 +189,32 @@ def run_mixed(args: argparse.Namespace) -> dict:
     phases_ms = {name: 1e3 * value / steps for name, value in pair.phase_seconds.items()}
     phases_ms["wall_per_step"] = 1e3 * wall / steps
     alphas = np.concatenate([t.columns[:, 1] for t in traces.values()])
-    Path(args.record).write_text(json.dumps(record))
-    return {"throughput": results, "tokens_checked_in_lockstep": pair.tokens_checked,
+    if overlap:
+        Path(args.record).write_text(json.dumps(record))
+    return {"overlapped_steps": pair.overlapped, "throughput": results,
+            "tokens_checked_in_lockstep": pair.tokens_checked, "kernels": kernels,
+            "stop_tokens_run": stops,
             "profile": {"batch": profile_batch, "new_tokens": profile_tokens, "steps": steps,
                         "ms_per_step": phases_ms},
             "alpha": {"mean": float(alphas.mean()), "min": float(alphas.min()),
                       "max": float(alphas.max())}, **gpu_facts()}
+
+
+def compare_modes(work: Path, pair_name: str) -> dict:
+    """Batch-64 token sequences of the overlapped and the serial arm, sequence by sequence."""
+    paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in ("mixed", "mixed_serial")]
+    if not all(path.exists() for path in paths):
+        return {"error": "an arm did not record its tokens"}
+    overlapped, serial = (json.loads(path.read_text()) for path in paths)
+    agreeing = []
+    for key, tokens in overlapped.items():
+        other = serial.get(key, [])
+        differing = [i for i, (a, b) in enumerate(zip(tokens, other)) if a != b]
+        agreeing.append(differing[0] if differing else min(len(tokens), len(other)))
+    return {"sequences": len(overlapped),
+            "identical": sum(a == b for a, b in
+                             ((overlapped[k], serial.get(k)) for k in overlapped)),
+            "mean_tokens_before_first_difference": float(np.mean(agreeing))}
 
 
 def run_check(args: argparse.Namespace) -> dict:
@@ -165,6 +254,7 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
                "--models", args.models, "--out", args.out, "--work", args.work,
                "--result", str(result_path),
                "--record", str(out / f"{pair_name}-record.json"),
+               "--tokens", str(out / f"{pair_name}-{arm}-tokens.json"),
                "--new-tokens", str(args.new_tokens),
                "--batches", ",".join(map(str, args.batches))]
     logger.info("running %s for %s", arm, pair_name)
@@ -181,16 +271,18 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
 
 
 def summarise(results: dict, args: argparse.Namespace) -> str:
-    lines = ["| pair | batch | baseline tok/s | mixed tok/s | ratio |", "|---|---|---|---|---|"]
+    lines = ["| pair | batch | baseline tok/s | mixed tok/s | ratio | serial steps tok/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
     for pair_name, arms in results["pairs"].items():
         for batch in map(str, args.batches):
-            try:
-                base = arms["baseline"]["throughput"][batch]["tok_per_s"]
-                mixed = arms["mixed"]["throughput"][batch]["tok_per_s"]
-                lines.append(f"| {pair_name} | {batch} | {base:,.0f} | {mixed:,.0f} | "
-                             f"{mixed / base:.2f} |")
-            except KeyError:
-                lines.append(f"| {pair_name} | {batch} | failed | failed | - |")
+            cells = [pair_name, batch]
+            base = arms.get("baseline", {}).get("throughput", {}).get(batch, {}).get("tok_per_s")
+            cells.append(f"{base:,.0f}" if base else "-")
+            for arm in ("mixed", "mixed_serial"):
+                rate = arms.get(arm, {}).get("throughput", {}).get(batch, {}).get("tok_per_s")
+                cells.append(f"{rate:,.0f}" if rate else "-")
+                cells.append(f"{rate / base:.2f}" if rate and base else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -202,25 +294,30 @@ def main() -> None:
     parser.add_argument("--pairs", default="7b_0.5b,1.5b_0.5b")
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--arm", choices=["baseline", "mixed", "check"])
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arm", choices=ARMS)
     parser.add_argument("--teacher")
     parser.add_argument("--theta")
     parser.add_argument("--result")
     parser.add_argument("--record")
+    parser.add_argument("--tokens")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.arm:
-        arm = {"baseline": run_baseline, "mixed": run_mixed, "check": run_check}[args.arm]
+        arm = {"baseline": run_baseline, "mixed": run_mixed, "mixed_serial": run_mixed,
+               "check": run_check}[args.arm]
         Path(args.result).write_text(json.dumps(arm(args), indent=1))
         return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(sys.argv), "pairs": {}}
     for pair_name in args.pairs.split(","):
-        results["pairs"][pair_name] = {
-            arm: run_arm_in_subprocess(arm, pair_name, args)
-            for arm in ("baseline", "mixed", "check")}
+        arms = results["pairs"][pair_name] = {}
+        for arm in args.arms.split(","):
+            arms[arm] = run_arm_in_subprocess(arm, pair_name, args)
+            Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
+        arms["modes_compared"] = compare_modes(Path(args.work), pair_name)
         Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
     table = summarise(results, args)
     Path(args.out, "results.md").write_text(table + "\n")

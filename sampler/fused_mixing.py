@@ -1,63 +1,123 @@
-"""Fused Triton kernels for the mixing step on CUDA: one pass over the vocabulary per use.
+"""Fused Triton kernels for the mixing step on CUDA: no [rows, vocab] intermediates, no host sync.
 
-Same math as `sampler.mixing`, without materialising [rows, vocab] intermediates:
-- `tilted_moments` reads both models' raw logits once and returns, per row, for the tilted
-  distribution p_s ∝ θ·e^{s·f} (f = log t − log θ, so p_α = q_α): log-normaliser, E[f],
-  Var[f] (merged Welford-style across blocks) and the magnitude that bounds rounding;
-- `gumbel_draw` draws y = argmax(log q + Gumbel noise) with counter-based random numbers
-  (seed, row rank, token), so a row's draw does not depend on the engine's row order.
+Same math as `sampler.mixing`. Each row's vocabulary is split into chunks of `CHUNK` columns,
+one program per (row, chunk), so a batch of a few hundred rows still fills the card; a second,
+small kernel per pass merges a row's chunk partials (two-stage reduction).
+
+- `log_normalisers`: logsumexp of both models' tempered logits;
+- `solve_alpha`: the α of `kl_symmetry` or `ess_balance`, by the safeguarded Newton rule of
+  `sampler.mixing._solve_increasing_root` run entirely on the device. Each pass reads both
+  models' logits once and returns, for p_s ∝ θ·e^{s·f} (f = log t − log θ, so p_α = q_α),
+  log-normaliser, E[f], Var[f] (merged Welford-style) and the magnitude that bounds rounding;
+  the merge kernel applies the Newton/bisection update in place. A fixed launch schedule
+  (`NEWTON_STEPS` Newton passes, then bisection passes enough to shrink any bracket below the
+  tolerance) replaces the host's convergence checks; finished rows skip their passes;
+- `draw`: y = argmax(log q + Gumbel noise) with counter-based random numbers (seed, row rank,
+  token), so a row's draw does not depend on the engine's row order or on the chunking, and
+  the recorded log q(y), log t(y), log θ(y).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+#: Columns each program reduces, and columns per loop iteration inside a program.
+CHUNK = 8192
+BLOCK = 1024
+#: Newton passes before the solver switches to bisection (rows converge in ~3–6).
+NEWTON_STEPS = 8
+#: Values stored per (entry, chunk) by the moments pass.
+MOMENT_FIELDS = 5
 
 
 @triton.jit
-def _log_normalisers_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature,
-                            out_t, out_s, BLOCK_SIZE: tl.constexpr):
+def _normaliser_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature,
+                                partials, CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
     max_t = tl.full([], float("-inf"), tl.float32)
     max_s = tl.full([], float("-inf"), tl.float32)
     sum_t = tl.zeros([], tl.float32)
     sum_s = tl.zeros([], tl.float32)
-    for start in range(0, vocab, BLOCK_SIZE):
+    for start in range(chunk * CHUNK_SIZE, tl.minimum((chunk + 1) * CHUNK_SIZE, vocab),
+                       BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab
-        zt = tl.load(teacher + row * stride_t + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        zs = tl.load(theta + row * stride_s + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+        zt = tl.load(teacher + row * stride_t + cols, mask=mask,
+                     other=float("-inf")).to(tl.float32) * inv_temperature
+        zs = tl.load(theta + row * stride_s + cols, mask=mask,
+                     other=float("-inf")).to(tl.float32) * inv_temperature
         new_t = tl.maximum(max_t, tl.max(zt, 0))
         new_s = tl.maximum(max_s, tl.max(zs, 0))
         sum_t = sum_t * tl.exp(max_t - new_t) + tl.sum(tl.exp(zt - new_t), 0)
         sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(zs - new_s), 0)
         max_t, max_s = new_t, new_s
-    tl.store(out_t + row, max_t + tl.log(sum_t))
-    tl.store(out_s + row, max_s + tl.log(sum_s))
+    base = partials + (row * chunks + chunk) * 4
+    tl.store(base + 0, max_t)
+    tl.store(base + 1, sum_t)
+    tl.store(base + 2, max_s)
+    tl.store(base + 3, sum_s)
 
 
 @triton.jit
-def _tilted_moments_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv_temperature,
-                           norm_t, norm_s, tilt, out_lse, out_mean, out_var, out_magnitude,
-                           BLOCK_SIZE: tl.constexpr):
-    program = tl.program_id(0)
-    row = program % rows
+def _merge_logsumexp(maxima, sums):
+    top = tl.max(maxima, 0)
+    return top + tl.log(tl.sum(sums * tl.exp(maxima - top), 0))
+
+
+@triton.jit
+def _normaliser_merge_kernel(partials, chunks, out_t, out_s, CHUNKS_P2: tl.constexpr):
+    row = tl.program_id(0)
+    offsets = tl.arange(0, CHUNKS_P2)
+    mask = offsets < chunks
+    base = partials + (row * chunks + offsets) * 4
+    max_t = tl.load(base + 0, mask=mask, other=float("-inf"))
+    sum_t = tl.load(base + 1, mask=mask, other=0.0)
+    max_s = tl.load(base + 2, mask=mask, other=float("-inf"))
+    sum_s = tl.load(base + 3, mask=mask, other=0.0)
+    tl.store(out_t + row, _merge_logsumexp(max_t, sum_t))
+    tl.store(out_s + row, _merge_logsumexp(max_s, sum_s))
+
+
+@triton.jit
+def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv_temperature,
+                            norm_t, norm_s, points, point_count, done, partials,
+                            ESS: tl.constexpr, SKIP_DONE: tl.constexpr,
+                            CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Entry e = j·point_count + point: tilt s = α_point (kl) or 2j − α_point (ess, j ∈ {0,1})."""
+    entry = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    point = entry % point_count
+    row = point % rows
+    if SKIP_DONE:
+        if tl.load(done + row) != 0:
+            return
+    alpha = tl.load(points + point)
+    if ESS:
+        s = 2.0 * (entry // point_count) - alpha
+    else:
+        s = alpha
     a_t = tl.load(norm_t + row)
     a_s = tl.load(norm_s + row)
-    s = tl.load(tilt + program)
     running_max = tl.full([], float("-inf"), tl.float32)
     weight = tl.zeros([], tl.float32)
     mean = tl.zeros([], tl.float32)
     m2 = tl.zeros([], tl.float32)
     magnitude = tl.zeros([], tl.float32)
-    for start in range(0, vocab, BLOCK_SIZE):
+    for start in range(chunk * CHUNK_SIZE, tl.minimum((chunk + 1) * CHUNK_SIZE, vocab),
+                       BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab
-        lt = tl.load(teacher + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - a_t
-        ls = tl.load(theta + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - a_s
+        lt = tl.load(teacher + row * stride_t + cols, mask=mask,
+                     other=0.0).to(tl.float32) * inv_temperature - a_t
+        ls = tl.load(theta + row * stride_s + cols, mask=mask,
+                     other=0.0).to(tl.float32) * inv_temperature - a_s
         f = lt - ls
         x = tl.where(mask, ls + s * f, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, 0))
@@ -76,17 +136,99 @@ def _tilted_moments_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv_
         m2 = m2 + block_m2 + delta * delta * weight * block_weight / total
         weight = total
         running_max = new_max
-    tl.store(out_lse + program, running_max + tl.log(weight))
-    tl.store(out_mean + program, mean)
-    tl.store(out_var + program, m2 / weight)
-    tl.store(out_magnitude + program, magnitude / weight)
+    base = partials + (entry * chunks + chunk) * 5
+    tl.store(base + 0, running_max)
+    tl.store(base + 1, weight)
+    tl.store(base + 2, mean)
+    tl.store(base + 3, m2)
+    tl.store(base + 4, magnitude)
 
 
 @triton.jit
-def _gumbel_draw_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature, norm_t,
-                        norm_s, alpha, ranks, seed, out_token, out_lse,
-                        BLOCK_SIZE: tl.constexpr):
+def _merged_moments(partials, entry, chunks, CHUNKS_P2: tl.constexpr):
+    """(log normaliser, E[f], Var[f], E[magnitude]) of one entry from its chunk partials."""
+    offsets = tl.arange(0, CHUNKS_P2)
+    mask = offsets < chunks
+    base = partials + (entry * chunks + offsets) * 5
+    maxima = tl.load(base + 0, mask=mask, other=float("-inf"))
+    weights = tl.load(base + 1, mask=mask, other=0.0)
+    means = tl.load(base + 2, mask=mask, other=0.0)
+    m2s = tl.load(base + 3, mask=mask, other=0.0)
+    magnitudes = tl.load(base + 4, mask=mask, other=0.0)
+    top = tl.max(maxima, 0)
+    scale = tl.where(mask, tl.exp(maxima - top), 0.0)
+    scaled = weights * scale
+    total = tl.sum(scaled, 0)
+    mean = tl.sum(scaled * means, 0) / total
+    m2 = tl.sum(m2s * scale, 0) + tl.sum(scaled * (means - mean) * (means - mean), 0)
+    return top + tl.log(total), mean, m2 / total, tl.sum(magnitudes * scale, 0) / total
+
+
+@triton.jit
+def _gap(partials, point, point_count, chunks, slack, ESS: tl.constexpr,
+         CHUNKS_P2: tl.constexpr):
+    """(value, slope, rounding error) of the increasing equation at one point."""
+    k_low, mean_low, variance, magnitude = _merged_moments(partials, point, chunks, CHUNKS_P2)
+    value = mean_low
+    slope = variance
+    if ESS:
+        k_high, mean_high, _, magnitude_high = _merged_moments(partials, point_count + point,
+                                                               chunks, CHUNKS_P2)
+        value = k_low - k_high
+        slope = mean_high - mean_low
+        magnitude = magnitude + magnitude_high
+    return value, slope, slack * magnitude
+
+
+@triton.jit
+def _bracket_start_kernel(partials, rows, chunks, lower, upper, slack, alpha, low, high, done,
+                          ESS: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """From the gaps at both ends: clamp to an end, or start at the secant point."""
     row = tl.program_id(0)
+    gap_low, _, noise_low = _gap(partials, row, 2 * rows, chunks, slack, ESS, CHUNKS_P2)
+    gap_high, _, noise_high = _gap(partials, rows + row, 2 * rows, chunks, slack, ESS, CHUNKS_P2)
+    at_low = gap_low >= -noise_low
+    at_high = (gap_high <= noise_high) & (gap_low < -noise_low)
+    span = tl.maximum(gap_high - gap_low, 1.1754943508222875e-38)
+    start = tl.minimum(tl.maximum(lower - gap_low * (upper - lower) / span, lower), upper)
+    start = tl.where(at_low, lower, tl.where(at_high, upper, start))
+    tl.store(alpha + row, start)
+    tl.store(low + row, lower)
+    tl.store(high + row, upper)
+    tl.store(done + row, (at_low | at_high).to(tl.int32))
+
+
+@triton.jit
+def _newton_update_kernel(partials, rows, chunks, tolerance, slack, alpha, low, high, done,
+                          ESS: tl.constexpr, BISECT: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """One safeguarded Newton (or, with BISECT, bisection) step for each unfinished row."""
+    row = tl.program_id(0)
+    if tl.load(done + row) != 0:
+        return
+    value, slope, noise = _gap(partials, row, rows, chunks, slack, ESS, CHUNKS_P2)
+    current = tl.load(alpha + row)
+    high_now = tl.where(value > 0, current, tl.load(high + row))
+    low_now = tl.where(value > 0, tl.load(low + row), current)
+    newton = current - value / tl.maximum(slope, 1e-30)
+    proposal = 0.5 * (low_now + high_now)
+    if not BISECT:
+        proposal = tl.where((newton > low_now) & (newton < high_now), newton, proposal)
+    in_noise = tl.abs(value) <= noise
+    converged = (tl.abs(proposal - current) <= tolerance) | (high_now - low_now <= tolerance) \
+        | in_noise
+    tl.store(alpha + row, tl.where(in_noise, current, proposal))
+    tl.store(low + row, low_now)
+    tl.store(high + row, high_now)
+    tl.store(done + row, converged.to(tl.int32))
+
+
+@triton.jit
+def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature, norm_t,
+                          norm_s, alpha, ranks, seed, scores, tokens, sums,
+                          CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
     a_t = tl.load(norm_t + row)
     a_s = tl.load(norm_s + row)
     a = tl.load(alpha + row)
@@ -95,11 +237,14 @@ def _gumbel_draw_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperatu
     best_token = tl.zeros([], tl.int32)
     running_max = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float32)
-    for start in range(0, vocab, BLOCK_SIZE):
+    for start in range(chunk * CHUNK_SIZE, tl.minimum((chunk + 1) * CHUNK_SIZE, vocab),
+                       BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab
-        lt = tl.load(teacher + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - a_t
-        ls = tl.load(theta + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - a_s
+        lt = tl.load(teacher + row * stride_t + cols, mask=mask,
+                     other=0.0).to(tl.float32) * inv_temperature - a_t
+        ls = tl.load(theta + row * stride_s + cols, mask=mask,
+                     other=0.0).to(tl.float32) * inv_temperature - a_s
         x = tl.where(mask, (1.0 - a) * ls + a * lt, float("-inf"))
         uniform = tl.rand(seed, rank * vocab + cols)
         uniform = tl.minimum(tl.maximum(uniform, 1e-12), 1.0 - 1e-7)
@@ -112,48 +257,122 @@ def _gumbel_draw_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperatu
         new_max = tl.maximum(running_max, tl.max(x, 0))
         total = total * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
         running_max = new_max
-    tl.store(out_token + row, best_token)
-    tl.store(out_lse + row, running_max + tl.log(total))
+    entry = row * chunks + chunk
+    tl.store(scores + entry, best_score)
+    tl.store(tokens + entry, best_token)
+    tl.store(sums + entry * 2, running_max)
+    tl.store(sums + entry * 2 + 1, total)
+
+
+@triton.jit
+def _draw_merge_kernel(teacher, theta, stride_t, stride_s, inv_temperature, norm_t, norm_s,
+                       alpha, chunks, scores, tokens, sums, out_token, out_log_q, out_log_t,
+                       out_log_s, CHUNKS_P2: tl.constexpr):
+    """The winning token over a row's chunks and its recorded log-probabilities."""
+    row = tl.program_id(0)
+    offsets = tl.arange(0, CHUNKS_P2)
+    mask = offsets < chunks
+    entries = row * chunks + offsets
+    chunk_scores = tl.load(scores + entries, mask=mask, other=float("-inf"))
+    chunk_tokens = tl.load(tokens + entries, mask=mask, other=0)
+    winner = tl.argmax(chunk_scores, 0)
+    token = tl.sum(tl.where(offsets == winner, chunk_tokens, 0), 0)
+    log_norm_q = _merge_logsumexp(tl.load(sums + entries * 2, mask=mask, other=float("-inf")),
+                                  tl.load(sums + entries * 2 + 1, mask=mask, other=0.0))
+    a = tl.load(alpha + row)
+    log_t = tl.load(teacher + row * stride_t + token).to(tl.float32) * inv_temperature \
+        - tl.load(norm_t + row)
+    log_s = tl.load(theta + row * stride_s + token).to(tl.float32) * inv_temperature \
+        - tl.load(norm_s + row)
+    tl.store(out_token + row, token)
+    tl.store(out_log_q + row, (1.0 - a) * log_s + a * log_t - log_norm_q)
+    tl.store(out_log_t + row, log_t)
+    tl.store(out_log_s + row, log_s)
+
+
+def _chunks(vocab_size: int) -> tuple[int, int]:
+    """Chunks per row, and that count rounded up to a power of two (for the merge kernels)."""
+    chunks = triton.cdiv(vocab_size, CHUNK)
+    return chunks, max(2, triton.next_power_of_2(chunks))
 
 
 def log_normalisers(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int,
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: logsumexp of logits/T over the shared vocabulary, for both models."""
-    rows = teacher.shape[0]
-    out_t = torch.empty(rows, device=teacher.device, dtype=torch.float32)
+    rows, device = teacher.shape[0], teacher.device
+    chunks, chunks_p2 = _chunks(vocab_size)
+    partials = torch.empty(rows, chunks, 4, device=device, dtype=torch.float32)
+    _normaliser_partials_kernel[(rows, chunks)](
+        teacher, theta, teacher.stride(0), theta.stride(0), vocab_size, 1.0 / temperature,
+        partials, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
+    out_t = torch.empty(rows, device=device, dtype=torch.float32)
     out_s = torch.empty_like(out_t)
-    _log_normalisers_kernel[(rows,)](teacher, theta, teacher.stride(0), theta.stride(0),
-                                     vocab_size, 1.0 / temperature, out_t, out_s,
-                                     BLOCK_SIZE=BLOCK)
+    _normaliser_merge_kernel[(rows,)](partials, chunks, out_t, out_s, CHUNKS_P2=chunks_p2)
     return out_t, out_s
 
 
-def tilted_moments(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int,
-                   temperature: float, norms: tuple[torch.Tensor, torch.Tensor],
-                   tilt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """For p ∝ θ·e^{tilt·f}: (log normaliser, E[f], Var[f], E[|log t|+|log θ|+|x|]).
+def bisection_steps(lower: float, upper: float, tolerance: float) -> int:
+    """Halvings that take any bracket inside [lower, upper] below the tolerance."""
+    return max(0, math.ceil(math.log2((upper - lower) / tolerance)))
 
-    `tilt` is [rows] or [k, rows] (k tilts per row in one launch); outputs have its shape.
+
+def solve_alpha(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperature: float,
+                norms: tuple[torch.Tensor, torch.Tensor], method: str, lower: float,
+                upper: float, tolerance: float, slack: float) -> torch.Tensor:
+    """α per row for `kl_symmetry` or `ess_balance`, clamped to [lower, upper].
+
+    A row stops when its step is below `tolerance`, its bracket is narrower than that, or its
+    gap is below `slack` times the magnitude of the terms it is summed from (rounding noise).
     """
-    rows = teacher.shape[0]
-    tilt = tilt.float().contiguous()
-    outputs = [torch.empty(tilt.shape, device=teacher.device, dtype=torch.float32)
-               for _ in range(4)]
-    _tilted_moments_kernel[(tilt.numel(),)](teacher, theta, teacher.stride(0), theta.stride(0),
-                                            vocab_size, rows, 1.0 / temperature, norms[0],
-                                            norms[1], tilt, *outputs, BLOCK_SIZE=BLOCK)
-    return tuple(outputs)
+    rows, device = teacher.shape[0], teacher.device
+    if lower == upper:
+        return torch.full((rows,), lower, device=device)
+    ess = method == "ess_balance"
+    tilts = 2 if ess else 1
+    chunks, chunks_p2 = _chunks(vocab_size)
+    alpha = torch.empty(rows, device=device, dtype=torch.float32)
+    low, high = torch.empty_like(alpha), torch.empty_like(alpha)
+    done = torch.zeros(rows, device=device, dtype=torch.int32)
+    partials = torch.empty(2 * tilts * rows, chunks, MOMENT_FIELDS, device=device,
+                           dtype=torch.float32)
+    ends = torch.full((2 * rows,), lower, device=device, dtype=torch.float32)
+    ends[rows:] = upper
+    common = (teacher, theta, teacher.stride(0), theta.stride(0), vocab_size, rows,
+              1.0 / temperature, norms[0], norms[1])
+    _moment_partials_kernel[(2 * tilts * rows, chunks)](
+        *common, ends, 2 * rows, done, partials, ESS=ess, SKIP_DONE=False, CHUNK_SIZE=CHUNK,
+        BLOCK_SIZE=BLOCK)
+    _bracket_start_kernel[(rows,)](partials, rows, chunks, lower, upper, slack, alpha, low, high,
+                                   done, ESS=ess, CHUNKS_P2=chunks_p2)
+    for step in range(NEWTON_STEPS + bisection_steps(lower, upper, tolerance)):
+        _moment_partials_kernel[(tilts * rows, chunks)](
+            *common, alpha, rows, done, partials, ESS=ess, SKIP_DONE=True, CHUNK_SIZE=CHUNK,
+            BLOCK_SIZE=BLOCK)
+        _newton_update_kernel[(rows,)](partials, rows, chunks, tolerance, slack, alpha, low,
+                                       high, done, ESS=ess, BISECT=step >= NEWTON_STEPS,
+                                       CHUNKS_P2=chunks_p2)
+    return alpha
 
 
-def gumbel_draw(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperature: float,
-                norms: tuple[torch.Tensor, torch.Tensor], alpha: torch.Tensor,
-                ranks: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from q_α (Gumbel-max), and log Σ exp of q's unnormalised logits."""
-    rows = teacher.shape[0]
-    tokens = torch.empty(rows, device=teacher.device, dtype=torch.int32)
-    lse = torch.empty(rows, device=teacher.device, dtype=torch.float32)
-    _gumbel_draw_kernel[(rows,)](teacher, theta, teacher.stride(0), theta.stride(0), vocab_size,
-                                 1.0 / temperature, norms[0], norms[1],
-                                 alpha.float().contiguous(), ranks.to(torch.int32).contiguous(),
-                                 seed, tokens, lse, BLOCK_SIZE=BLOCK)
-    return tokens.long(), lse
+def draw(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperature: float,
+         norms: tuple[torch.Tensor, torch.Tensor], alpha: torch.Tensor, ranks: torch.Tensor,
+         seed: int) -> tuple[torch.Tensor, ...]:
+    """One token per row from q_α (Gumbel-max): (token ids, log q(y), log t(y), log θ(y))."""
+    rows, device = teacher.shape[0], teacher.device
+    chunks, chunks_p2 = _chunks(vocab_size)
+    scores = torch.empty(rows, chunks, device=device, dtype=torch.float32)
+    chunk_tokens = torch.empty(rows, chunks, device=device, dtype=torch.int32)
+    sums = torch.empty(rows, chunks, 2, device=device, dtype=torch.float32)
+    alpha = alpha.float().contiguous()
+    _draw_partials_kernel[(rows, chunks)](
+        teacher, theta, teacher.stride(0), theta.stride(0), vocab_size, 1.0 / temperature,
+        norms[0], norms[1], alpha, ranks.to(torch.int32).contiguous(), seed, scores,
+        chunk_tokens, sums, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
+    tokens = torch.empty(rows, device=device, dtype=torch.int32)
+    log_q, log_t, log_s = (torch.empty(rows, device=device, dtype=torch.float32)
+                           for _ in range(3))
+    _draw_merge_kernel[(rows,)](teacher, theta, teacher.stride(0), theta.stride(0),
+                                1.0 / temperature, norms[0], norms[1], alpha, chunks, scores,
+                                chunk_tokens, sums, tokens, log_q, log_t, log_s,
+                                CHUNKS_P2=chunks_p2)
+    return tokens.long(), log_q, log_t, log_s

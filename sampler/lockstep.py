@@ -1,23 +1,29 @@
 """Two vLLM engines stepped together, one jointly drawn token per sequence and step.
 
-Per step, in this order (the teacher's host work first, so that theta's host work runs
-while the teacher's forward pass occupies the device):
+A step has two halves. Launch: admit queued pairs into both engines only while both can take
+them whole (sequence slots, token budget for an unchunked prefill, KV blocks reserved for the
+pair's full length), so neither scheduler chunks, delays or preempts one of them; schedule the
+teacher and launch its forward pass; schedule theta, check both engines scheduled the same
+pairs the same way, and launch its forward pass; align theta's rows to the teacher's, compute
+q and draw one token per pair (randomness fixed by a per-step seed and each pair's rank in
+pair order); let each engine sample with every logit but the drawn token masked. Retire: hand
+each engine its output (finished pairs release their reservations), check that both appended
+the drawn tokens and finished the same pairs, and record the step.
 
-1. teacher: update its scheduler with the previous step's output (finished pairs release
-   their reservations); admit queued pairs into both engines only while both can take them
-   whole this step (sequence slots, token budget for an unchunked prefill, KV blocks reserved
-   for the pair's full length), so neither scheduler chunks, delays or preempts one of them;
-   schedule the teacher and launch its forward pass;
-2. theta: update its scheduler with the previous step's output and check that both engines
-   appended the drawn tokens and finished the same pairs; schedule theta, check both engines
-   scheduled the same pairs the same way, and launch its forward pass; each engine keeps its
-   own KV cache and is never re-run over a prefix;
-3. mix: align the theta rows to the teacher rows, compute q and draw one token per pair,
-   with randomness fixed by a per-step seed and each pair's rank in pair order;
-4. force: each engine samples with every logit but the drawn token masked.
+The halves are ordered to keep the device busy:
 
-Any disagreement raises `LockstepError` with the details; there is no fallback. After one,
-build a new pair: the engines may hold a half-finished step.
+- overlapped (both engines use async scheduling, as on CUDA): launch step n, then retire step
+  n−1 while step n runs on the device; nothing in the launch half waits for the device, so
+  all host work of a step hides behind the device work of the previous one. A pair that
+  stopped at step n−1 is already scheduled for step n (vLLM's async scheduler learns of the
+  stop one step late); that extra token is drawn, discarded by both engines and not recorded;
+- serial (the CPU build): retire the teacher's half of step n−1, launch the teacher's step n,
+  then retire theta's half of step n−1 while the teacher's forward pass runs, and launch the
+  rest of step n.
+
+Each engine keeps its own KV cache and is never re-run over a prefix. Any disagreement raises
+`LockstepError` with the details; there is no fallback. After one, build a new pair: the
+engines may hold a half-finished step.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from tqdm.auto import tqdm
 
 from sampler.errors import IncompatibleModelsError, LockstepError
 from sampler.mixing import MixingConfig, mix_and_draw
-from sampler.vllm_internals import StepResult, SteppedEngine, build_llm
+from sampler.vllm_internals import SteppedEngine, StepResult, build_llm
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,10 @@ class _StepLog:
     pair_indices: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
 
+    def add(self, pair_indices: np.ndarray, values: np.ndarray) -> None:
+        self.pair_indices.append(pair_indices)
+        self.values.append(values)
+
     def traces(self, finish_reasons: dict[int, str]) -> dict[int, PairTrace]:
         if not self.values:
             return {}
@@ -82,9 +92,64 @@ class _StepLog:
                 for (pair, reason), start, end in zip(finish_reasons.items(), starts, ends)}
 
 
+class _HostCopy:
+    """A device tensor on its way to the host: the copy starts now, `get` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def get(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+@dataclass
+class _Run:
+    """The state of one `generate` call."""
+
+    queue: deque[PairRequest]
+    stop_token_ids: list[int]
+    progress: tqdm
+    active: dict[str, PairRequest] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=lambda: {"teacher": 0, "theta": 0})
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    log: _StepLog = field(default_factory=_StepLog)
+    steps: int = 0
+
+
+@dataclass
+class _Step:
+    """One launched step, until it is retired."""
+
+    number: int
+    teacher_plan: object
+    admitted: dict[str, PairRequest]
+    has_logits: bool = False
+    theta_plan: object = None
+    rows: tuple[str, ...] = ()
+    pair_indices: np.ndarray | None = None
+    values: _HostCopy | None = None
+
+
 def step_seed(seed: int, step: int) -> int:
     """A distinct 31-bit seed for each step of a call (Triton's RNG takes 32-bit seeds)."""
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**31 - 1)
+
+
+def _to_device(values, device: torch.device) -> torch.Tensor:
+    """Integer indices on the device, copied without making the host wait for the device."""
+    tensor = torch.as_tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _request_id(index: int) -> str:
@@ -101,6 +166,11 @@ class LockstepPair:
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self.max_active = min(teacher.max_num_seqs, theta.max_num_seqs)
+        if teacher.overlaps_steps != theta.overlaps_steps:
+            raise LockstepError(
+                f"one engine schedules asynchronously and the other does not (teacher "
+                f"{teacher.overlaps_steps}, theta {theta.overlaps_steps})")
+        self.overlapped = teacher.overlaps_steps
         self.tokens_checked = 0
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
@@ -108,13 +178,16 @@ class LockstepPair:
 
     @classmethod
     def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
-                    stop_token_ids: list[int], teacher_args: dict, theta_args: dict
-                    ) -> LockstepPair:
-        """Build both engines (teacher first); mix over `vocab_size` or both logit widths."""
+                    stop_token_ids: list[int], teacher_args: dict, theta_args: dict,
+                    overlap_steps: bool = True) -> LockstepPair:
+        """Build both engines (teacher first); mix over `vocab_size` or both logit widths.
+
+        `overlap_steps` uses async scheduling where vLLM supports it (CUDA), else serial steps.
+        """
         logger.info("building teacher engine for %s", model_teacher)
-        teacher = SteppedEngine(build_llm(model_teacher, teacher_args))
+        teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
         logger.info("building theta engine for %s", model_theta)
-        theta = SteppedEngine(build_llm(model_theta, theta_args))
+        theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
         shared = min(teacher.logits_width, theta.logits_width)
         if vocab_size is not None and vocab_size > shared:
             raise IncompatibleModelsError(
@@ -163,64 +236,96 @@ class LockstepPair:
 
         `stop_token_ids` replaces the pair's stop tokens for this call ([] ignores EOS).
         """
-        stops = self.stop_token_ids if stop_token_ids is None else stop_token_ids
-        queue = deque(requests)
-        active: dict[str, PairRequest] = {}
-        reserved = {"teacher": 0, "theta": 0}
-        finish_reasons: dict[int, str] = {}
-        log = _StepLog()
-        step = 0
-        progress = tqdm(total=len(requests), desc="mixed sampling", unit="seq",
-                        disable=not show_progress)
+        run = _Run(queue=deque(requests),
+                   stop_token_ids=self.stop_token_ids if stop_token_ids is None
+                   else stop_token_ids,
+                   progress=tqdm(total=len(requests), desc="mixed sampling", unit="seq",
+                                 disable=not show_progress))
+        in_flight: _Step | None = None
         try:
-            device = self.teacher.device
-            previous: tuple[object, object, dict[str, int]] | None = None
             while True:
-                with self._phase("teacher_host"):
-                    teacher_done = self.teacher.update(previous[0]) if previous else None
-                    if teacher_done is not None:
-                        for request_id in teacher_done.finish_reasons:
-                            request = active.pop(request_id)
-                            reserved["teacher"] -= self.blocks_needed(
-                                self.teacher, len(request.teacher_prompt_ids), request.max_tokens)
-                            reserved["theta"] -= self.blocks_needed(
-                                self.theta, len(request.theta_prompt_ids), request.max_tokens)
-                            finish_reasons[request.index] = teacher_done.finish_reasons[request_id]
-                    teacher_plan = admitted = None
-                    if queue or active:
-                        admitted = self._admit(queue, active, reserved, stops)
-                        teacher_plan = self.teacher.schedule()
-                with self._phase("teacher_forward", device):
-                    if teacher_plan is not None:
-                        self.teacher.execute(teacher_plan)
-                with self._phase("theta_host"):
-                    if previous is not None:
-                        self._check_updates(previous[2], teacher_done,
-                                            self.theta.update(previous[1]))
-                        progress.update(len(teacher_done.finish_reasons))
-                    if teacher_plan is None:
-                        break
-                    theta_plan = self.theta.schedule()
-                    self._check_schedules(teacher_plan, theta_plan, admitted)
-                with self._phase("theta_forward", device):
-                    self.theta.execute(theta_plan)
-                teacher_logits, teacher_rows = self.teacher.pending_logits()
-                theta_logits, theta_rows = self.theta.pending_logits()
-                tokens = self._mix_and_force(teacher_logits, teacher_rows, theta_logits,
-                                             theta_rows, config, step_seed(seed, step), log)
-                previous = (teacher_plan, theta_plan, tokens)
-                step += 1
-                self.steps_run += 1
+                if self.overlapped:
+                    step = self._launch(run, config, seed) if run.queue or run.active else None
+                    if in_flight is not None:
+                        self._retire_theta(in_flight, self._retire_teacher(in_flight, run), run)
+                else:
+                    teacher_result = (self._retire_teacher(in_flight, run)
+                                      if in_flight is not None else None)
+                    step = self._launch_teacher(run) if run.queue or run.active else None
+                    if in_flight is not None:
+                        self._retire_theta(in_flight, teacher_result, run)
+                    if step is not None:
+                        self._launch_theta(step, config, seed, run)
+                if step is None and in_flight is None:
+                    break
+                in_flight = step
         except BaseException:
-            self._abort(list(active))
+            self._abort(list(run.active))
             raise
         finally:
-            progress.close()
-        return log.traces(finish_reasons)
+            run.progress.close()
+        return run.log.traces(run.finish_reasons)
 
-    def _admit(self, queue: deque[PairRequest], active: dict[str, PairRequest],
-               reserved: dict[str, int], stop_token_ids: list[int]) -> dict[str, PairRequest]:
+    def _launch(self, run: _Run, config: MixingConfig, seed: int) -> _Step:
+        step = self._launch_teacher(run)
+        self._launch_theta(step, config, seed, run)
+        return step
+
+    def _launch_teacher(self, run: _Run) -> _Step:
+        """Admit what fits, schedule the teacher and launch its forward pass."""
+        device = self.teacher.device
+        with self._phase("teacher_host"):
+            admitted = self._admit(run)
+            step = _Step(number=run.steps, teacher_plan=self.teacher.schedule(),
+                         admitted=admitted)
+        with self._phase("teacher_forward", device):
+            step.has_logits = self.teacher.execute(step.teacher_plan)
+        run.steps += 1
+        self.steps_run += 1
+        return step
+
+    def _launch_theta(self, step: _Step, config: MixingConfig, seed: int, run: _Run) -> None:
+        """Schedule theta, check it matches the teacher, launch its forward pass, mix and force."""
+        with self._phase("theta_host"):
+            step.theta_plan = self.theta.schedule()
+            self._check_schedules(step.teacher_plan, step.theta_plan, step.admitted)
+        with self._phase("theta_forward", self.theta.device):
+            theta_has_logits = self.theta.execute(step.theta_plan)
+        if step.has_logits != theta_has_logits:
+            raise LockstepError(f"step {step.number}: only one engine produced logits")
+        if step.has_logits:
+            self._mix_and_force(step, config, step_seed(seed, step.number))
+
+    def _retire_teacher(self, step: _Step, run: _Run) -> StepResult:
+        """Give the teacher its output; finished pairs release their KV reservations."""
+        with self._phase("teacher_host"):
+            result = self.teacher.update(step.teacher_plan)
+            for request_id, reason in result.finish_reasons.items():
+                request = run.active.pop(request_id)
+                run.reserved["teacher"] -= self.blocks_needed(
+                    self.teacher, len(request.teacher_prompt_ids), request.max_tokens)
+                run.reserved["theta"] -= self.blocks_needed(
+                    self.theta, len(request.theta_prompt_ids), request.max_tokens)
+                run.finish_reasons[request.index] = reason
+        return result
+
+    def _retire_theta(self, step: _Step, teacher_result: StepResult, run: _Run) -> None:
+        """Give theta its output, check both engines appended the drawn tokens, record them."""
+        with self._phase("theta_host"):
+            theta_result = self.theta.update(step.theta_plan)
+            drawn: dict[str, int] = {}
+            if step.has_logits:
+                values = step.values.get()
+                drawn = dict(zip(step.rows, values[:, 0].astype(np.int64).tolist()))
+                appended = np.fromiter((row in teacher_result.new_token_ids for row in step.rows),
+                                       dtype=bool, count=len(step.rows))
+                run.log.add(step.pair_indices[appended], values[appended])
+            self._check_updates(step.number, drawn, teacher_result, theta_result, run.active)
+            run.progress.update(len(teacher_result.finish_reasons))
+
+    def _admit(self, run: _Run) -> dict[str, PairRequest]:
         """Add queued pairs to both engines while both can run them whole from this step."""
+        queue, active, reserved = run.queue, run.active, run.reserved
         admitted: dict[str, PairRequest] = {}
         prefill = {"teacher": 0, "theta": 0}
         engines = {"teacher": self.teacher, "theta": self.theta}
@@ -239,21 +344,22 @@ class LockstepPair:
             request_id = _request_id(request.index)
             for role, engine in engines.items():
                 engine.add_request(request_id, prompts[role], request.max_tokens,
-                                   stop_token_ids)
+                                   run.stop_token_ids)
                 reserved[role] += self.blocks_needed(engine, len(prompts[role]),
                                                      request.max_tokens)
                 prefill[role] += len(prompts[role])
             active[request_id] = request
             admitted[request_id] = request
-        if not active:
+        if not active and queue:
             raise LockstepError("no pair could be admitted into an empty engine pair")
         return admitted
 
     def _check_schedules(self, teacher_plan: object, theta_plan: object,
                          admitted: dict[str, PairRequest]) -> None:
         """Raise unless both engines scheduled exactly the same pairs, prefills unchunked."""
-        teacher_new, teacher_running, teacher_preempted = self.teacher.describe_schedule(teacher_plan)
-        theta_new, theta_running, theta_preempted = self.theta.describe_schedule(theta_plan)
+        describe = SteppedEngine.describe_schedule
+        teacher_new, teacher_running, teacher_preempted = describe(teacher_plan)
+        theta_new, theta_running, theta_preempted = describe(theta_plan)
         problems = []
         if set(teacher_new) != set(admitted) or set(theta_new) != set(admitted):
             problems.append(f"admitted {sorted(admitted)}, teacher started {sorted(teacher_new)}, "
@@ -277,13 +383,14 @@ class LockstepPair:
         if problems:
             raise LockstepError("engines scheduled different work: " + "; ".join(problems))
 
-    def _mix_and_force(self, teacher_logits: torch.Tensor, teacher_rows: list[str],
-                       theta_logits: torch.Tensor, theta_rows: list[str], config: MixingConfig,
-                       seed: int, log: _StepLog) -> dict[str, int]:
-        """Draw one token per pair from q and force it in both engines; returns the tokens."""
+    def _mix_and_force(self, step: _Step, config: MixingConfig, seed: int) -> None:
+        """Draw one token per pair from q and force it in both engines, without waiting."""
+        teacher_logits, teacher_rows = self.teacher.pending_logits()
+        theta_logits, theta_rows = self.theta.pending_logits()
         device = teacher_logits.device
         alignment = self._alignment(tuple(teacher_rows), tuple(theta_rows), device)
-        pair_indices, rank_in_pair_order, theta_for_teacher, teacher_for_theta = alignment
+        step.pair_indices, rank_in_pair_order, theta_for_teacher, teacher_for_theta = alignment
+        step.rows = tuple(teacher_rows)
         if theta_for_teacher is not None:
             theta_logits = theta_logits[theta_for_teacher]
         with self._phase("mixing", device):
@@ -293,12 +400,9 @@ class LockstepPair:
             self.teacher.sample_forced(draw.token_ids)
             self.theta.sample_forced(draw.token_ids if teacher_for_theta is None
                                      else draw.token_ids[teacher_for_theta])
-            values = torch.stack([draw.token_ids.double(), draw.alpha.double(),
-                                  draw.log_q.double(), draw.log_teacher.double(),
-                                  draw.log_theta.double()], dim=1).cpu()
-        log.pair_indices.append(pair_indices)
-        log.values.append(values.numpy())
-        return dict(zip(teacher_rows, values[:, 0].long().tolist()))
+            step.values = _HostCopy(torch.stack(
+                [draw.token_ids.double(), draw.alpha.double(), draw.log_q.double(),
+                 draw.log_teacher.double(), draw.log_theta.double()], dim=1))
 
     def _alignment(self, teacher_rows: tuple[str, ...], theta_rows: tuple[str, ...],
                    device: torch.device) -> tuple:
@@ -310,32 +414,36 @@ class LockstepPair:
         if sorted(teacher_rows) != sorted(theta_rows):
             raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
         pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
-        ranks = torch.tensor(np.argsort(np.argsort(pair_indices)), device=device)
+        ranks = _to_device(np.argsort(np.argsort(pair_indices)), device)
         theta_for_teacher = teacher_for_theta = None
         if teacher_rows != theta_rows:
             theta_position = {request_id: row for row, request_id in enumerate(theta_rows)}
             teacher_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
-            theta_for_teacher = torch.tensor([theta_position[r] for r in teacher_rows],
-                                             device=device)
-            teacher_for_theta = torch.tensor([teacher_position[r] for r in theta_rows],
-                                             device=device)
+            theta_for_teacher = _to_device([theta_position[r] for r in teacher_rows], device)
+            teacher_for_theta = _to_device([teacher_position[r] for r in theta_rows], device)
         alignment = (pair_indices, ranks, theta_for_teacher, teacher_for_theta)
         self._cached_alignment = (key, alignment)
         return alignment
 
-    def _check_updates(self, tokens: dict[str, int], teacher_result: StepResult,
-                       theta_result: StepResult) -> None:
-        """Raise unless both engines appended the drawn tokens and finished the same pairs."""
-        expected = {request_id: [token] for request_id, token in tokens.items()}
-        if teacher_result.new_token_ids != expected or theta_result.new_token_ids != expected:
+    def _check_updates(self, step: int, drawn: dict[str, int], teacher_result: StepResult,
+                       theta_result: StepResult, live: dict[str, PairRequest]) -> None:
+        """Raise unless both engines appended the same tokens, each one drawn for its pair at
+        this step, to every pair still `live`, and finished the same pairs. Pairs that had
+        stopped a step earlier (async scheduling) are drawn for and get nothing."""
+        appended = teacher_result.new_token_ids
+        wrong = {request_id: tokens for request_id, tokens in appended.items()
+                 if tokens != [drawn.get(request_id)]}
+        skipped = [request_id for request_id in drawn
+                   if request_id not in appended and request_id in live]
+        if wrong or skipped or theta_result.new_token_ids != appended:
             raise LockstepError(
-                f"engines appended other tokens than drawn: drawn {expected}, teacher "
-                f"{teacher_result.new_token_ids}, theta {theta_result.new_token_ids}")
+                f"step {step}: engines appended other tokens than drawn: drawn {drawn}, teacher "
+                f"{appended}, theta {theta_result.new_token_ids}")
         if teacher_result.finish_reasons != theta_result.finish_reasons:
-            raise LockstepError(f"engines finished different pairs: teacher "
+            raise LockstepError(f"step {step}: engines finished different pairs: teacher "
                                 f"{teacher_result.finish_reasons}, theta "
                                 f"{theta_result.finish_reasons}")
-        self.tokens_checked += len(tokens)
+        self.tokens_checked += len(appended)
 
     def _abort(self, request_ids: list[str]) -> None:
         """Best effort after a failure: abort this call's pairs in both engines."""

@@ -14,8 +14,9 @@ One row is one sequence at one decode step. Per row, in this order:
 6. record: α, log q(y), log t(y) and log θ(y) of the drawn token (tempered distributions,
    i.e. those q was built from).
 
-Nothing here synchronises with the host except the Newton convergence check, made once
-after a few unconditional iterations and then once per extra iteration.
+The torch code synchronises with the host only for the Newton convergence check, made once
+after a few unconditional iterations and then once per extra iteration; the fused kernels
+never do.
 
 Randomness is (seed, rank): one seed per step and each row's rank in pair order, so a row's
 draw does not depend on the engine's row order. On CUDA (with Triton, without top-k/top-p,
@@ -27,9 +28,8 @@ kind of device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -267,36 +267,19 @@ def _use_fused(logits: torch.Tensor, config: MixingConfig) -> bool:
 def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
                         vocab_size: int, config: MixingConfig, seed: int, ranks: torch.Tensor
                         ) -> MixedDraw:
+    """Steps 1–6 by the fused kernels: no host synchronisation at all."""
     from sampler import fused_mixing
 
     temperature, rows = config.temperature, teacher_logits.shape[0]
     norms = fused_mixing.log_normalisers(teacher_logits, theta_logits, vocab_size, temperature)
-
-    def moments(tilt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return fused_mixing.tilted_moments(teacher_logits, theta_logits, vocab_size, temperature,
-                                           norms, tilt)
-
-    def kl_gap(alpha: torch.Tensor):
-        _, mean, variance, magnitude = moments(alpha)
-        return mean, variance, ROUNDING_SLACK * magnitude
-
-    def ess_gap(alpha: torch.Tensor):
-        k, mean, _, magnitude = moments(torch.stack([-alpha, 2.0 - alpha]))
-        return k[0] - k[1], mean[1] - mean[0], ROUNDING_SLACK * magnitude.sum(0)
-
-    device = teacher_logits.device
     if config.alpha_method == "fixed":
         value = min(max(config.fixed_alpha, config.alpha_min), config.alpha_max)
-        alpha = torch.full((rows,), value, device=device)
+        alpha = torch.full((rows,), value, device=teacher_logits.device)
     else:
-        gap = kl_gap if config.alpha_method == "kl_symmetry" else ess_gap
-        alpha = _solve_increasing_root(gap, config.alpha_min, config.alpha_max, rows, device,
-                                       config.tolerance, config.max_newton_steps)
-    tokens, log_norm_q = fused_mixing.gumbel_draw(teacher_logits, theta_logits, vocab_size,
-                                                  temperature, norms, alpha, ranks, seed)
-    picked = tokens[:, None]
-    log_teacher = teacher_logits.gather(1, picked).squeeze(1).float() / temperature - norms[0]
-    log_theta = theta_logits.gather(1, picked).squeeze(1).float() / temperature - norms[1]
-    log_q = (1.0 - alpha) * log_theta + alpha * log_teacher - log_norm_q
+        alpha = fused_mixing.solve_alpha(teacher_logits, theta_logits, vocab_size, temperature,
+                                         norms, config.alpha_method, config.alpha_min,
+                                         config.alpha_max, config.tolerance, ROUNDING_SLACK)
+    tokens, log_q, log_teacher, log_theta = fused_mixing.draw(
+        teacher_logits, theta_logits, vocab_size, temperature, norms, alpha, ranks, seed)
     return MixedDraw(token_ids=tokens, alpha=alpha, log_q=log_q, log_teacher=log_teacher,
                      log_theta=log_theta)

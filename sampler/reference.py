@@ -138,7 +138,8 @@ class ReferenceModels:
             teacher = self._log_probs(self.teacher, teacher_prompt, generated, temperature)[-1]
             theta = self._log_probs(self.theta, theta_prompt, generated, temperature)[-1]
             alpha = reference_alpha(teacher, theta, method, alpha_min, alpha_max, fixed_alpha)
-            token = int(rng.choice(len(teacher), p=np.exp(reference_mixture(teacher, theta, alpha))))
+            q = np.exp(reference_mixture(teacher, theta, alpha))
+            token = int(rng.choice(len(teacher), p=q))
             generated.append(token)
             if token == eos_token_id:
                 break

@@ -6,6 +6,11 @@ straight to each engine core, and per step calls the scheduler, the model execut
 replaces those logits so that only the jointly drawn token survives, then lets the engine
 sample (greedy, so it picks exactly that token) and update its own state. Nothing else
 of vLLM's request or output processing is used.
+
+With async scheduling (vLLM's default on CUDA; the CPU build turns it off) the scheduler
+plans a step before the previous step's output reaches it, the model runner feeds the
+previous sampled tokens from the device, and sampling returns a future: an engine can be
+scheduled for step n+1 while step n still runs. `SteppedEngine.overlaps_steps` says which.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,6 @@ logger = logging.getLogger(__name__)
 #: Settings the lockstep needs in both engines; a user cannot override them.
 REQUIRED_ENGINE_ARGS: dict[str, Any] = {
     "enable_prefix_caching": False,
-    "async_scheduling": False,
     "enable_chunked_prefill": False,
 }
 
@@ -63,13 +68,18 @@ def _keep_earlier_cuda_graphs() -> Iterator[None]:
                 cls._all_instances.add(instance)
 
 
-def build_llm(model: str, engine_args: dict[str, Any]) -> Any:
-    """A `vllm.LLM` configured so that it can be stepped in lockstep with another."""
+def build_llm(model: str, engine_args: dict[str, Any], overlap_steps: bool) -> Any:
+    """A `vllm.LLM` configured so that it can be stepped in lockstep with another.
+
+    `overlap_steps` leaves async scheduling to vLLM (on where the platform supports it);
+    otherwise it is off.
+    """
     prepare_process_environment()
     from vllm import LLM
 
+    required = {**REQUIRED_ENGINE_ARGS, "async_scheduling": None if overlap_steps else False}
     with _keep_earlier_cuda_graphs():
-        return LLM(model=model, **{**engine_args, **REQUIRED_ENGINE_ARGS})
+        return LLM(model=model, **{**engine_args, **required})
 
 
 @dataclass
@@ -99,6 +109,7 @@ class SteppedEngine:
         self.num_kv_blocks: int = self._scheduler.kv_cache_manager.block_pool.num_gpu_blocks
         self.logits_width: int = config.model_config.get_vocab_size()
         self.device: torch.device = torch.device(self._runner.device)
+        self.overlaps_steps: bool = bool(config.scheduler_config.async_scheduling)
         self._pending_output: Any = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
@@ -128,7 +139,7 @@ class SteppedEngine:
         return new, cached, preempted
 
     def execute(self, scheduler_output: Any) -> bool:
-        """Run the forward pass; True when logits wait for sampling in the model runner."""
+        """Launch the forward pass; True when logits wait for sampling in the model runner."""
         output = self._executor.execute_model(scheduler_output)
         if output is not None:
             self._pending_output = output
@@ -142,16 +153,25 @@ class SteppedEngine:
         return state.logits, list(self._runner.input_batch.req_ids[:rows])
 
     def sample_forced(self, token_ids: torch.Tensor) -> None:
-        """Let the engine sample, with every logit but `token_ids[row]` set to −inf."""
+        """Let the engine sample, with every logit but `token_ids[row]` set to −inf.
+
+        Does not wait for the device: with async scheduling the output is a future.
+        """
         state = self._runner.execute_model_state
         forced = torch.full_like(state.logits, float("-inf"))
         forced.scatter_(1, token_ids.to(forced.device, torch.long)[:, None], 0.0)
         self._runner.execute_model_state = state._replace(logits=forced)
-        self._pending_output = self._executor.sample_tokens(None)
+        self._pending_output = self._executor.sample_tokens(None, non_block=True)
 
     def update(self, scheduler_output: Any) -> StepResult:
-        """Hand the step's output back to the scheduler; report tokens and finished requests."""
-        engine_outputs = self._scheduler.update_from_output(scheduler_output, self._pending_output)
+        """Hand the step's output back to the scheduler; report tokens and finished requests.
+
+        Waits for the step's sampled tokens to reach the host.
+        """
+        output = self._pending_output
+        if isinstance(output, Future):
+            output = output.result()
+        engine_outputs = self._scheduler.update_from_output(scheduler_output, output)
         self._pending_output = None
         result = StepResult({}, {})
         for outputs in engine_outputs.values():

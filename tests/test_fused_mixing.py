@@ -1,7 +1,8 @@
 """The fused Triton mixing kernels, run by Triton's interpreter on the CPU.
 
 The same kernels run compiled on CUDA; here they are checked against the float64 reference
-(α, log q, log t, log θ) and, for the Gumbel-max draw, by a χ² test against q.
+(α, log q, log t, log θ) and, for the Gumbel-max draw, by a χ² test against q. Rows are split
+into chunks as on the GPU (small chunks here, so that each row spans several).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 from scipy.special import logsumexp  # noqa: E402
 from scipy.stats import chi2  # noqa: E402
 
+import sampler.fused_mixing as fused_mixing  # noqa: E402
 import sampler.mixing as mixing  # noqa: E402
 from sampler.mixing import MixingConfig, mix_and_draw  # noqa: E402
 from sampler.reference import reference_alpha, reference_mixture  # noqa: E402
@@ -28,12 +30,20 @@ def fused_backend(monkeypatch):
     monkeypatch.setattr(mixing, "BACKEND", "fused")
 
 
+@pytest.fixture(params=[(8192, 1024), (512, 128)], ids=["one-chunk", "six-chunks"])
+def chunking(request, monkeypatch):
+    """The GPU's chunking, and chunks small enough that a 3,000-token row spans six."""
+    chunk, block = request.param
+    monkeypatch.setattr(fused_mixing, "CHUNK", chunk)
+    monkeypatch.setattr(fused_mixing, "BLOCK", block)
+
+
 def log_normalise(values: np.ndarray) -> np.ndarray:
     return values - logsumexp(values, axis=-1, keepdims=True)
 
 
 @pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
-def test_fused_path_matches_float64_reference(fused_backend, method):
+def test_fused_path_matches_float64_reference(fused_backend, chunking, method):
     generator = torch.Generator().manual_seed(5)
     rows, vocab, width = 12, 3000, 3072
     teacher = torch.randn(rows, width, generator=generator) * torch.linspace(0.5, 6, rows)[:, None]
@@ -55,15 +65,13 @@ def test_fused_path_matches_float64_reference(fused_backend, method):
 
 def test_fused_gumbel_draws_follow_q():
     """2,000 rows with the same pair of distributions, each its own rank: χ² against q."""
-    from sampler.fused_mixing import gumbel_draw, log_normalisers
-
     generator = torch.Generator().manual_seed(8)
     vocab, rows, alpha = 24, 2000, 0.6
     teacher = (torch.randn(1, vocab, generator=generator) * 2).expand(rows, -1).contiguous()
     theta = (torch.randn(1, vocab, generator=generator) * 2).expand(rows, -1).contiguous()
-    norms = log_normalisers(teacher, theta, vocab, 1.0)
-    tokens, _ = gumbel_draw(teacher, theta, vocab, 1.0, norms, torch.full((rows,), alpha),
-                            torch.arange(rows), seed=99)
+    norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
+    tokens, *_ = fused_mixing.draw(teacher, theta, vocab, 1.0, norms, torch.full((rows,), alpha),
+                                   torch.arange(rows), seed=99)
     log_t = log_normalise(teacher[0].double().numpy())
     log_s = log_normalise(theta[0].double().numpy())
     q = np.exp(reference_mixture(log_t, log_s, alpha))
@@ -92,3 +100,57 @@ def test_fused_draw_depends_on_rank_not_row_position(fused_backend):
     shuffled = mix_and_draw(teacher[order], theta[order], 500, MixingConfig(), seed=4,
                             ranks=ranks[order])
     assert torch.equal(first.token_ids[order], shuffled.token_ids)
+
+
+def test_fused_draw_does_not_depend_on_chunking(fused_backend, monkeypatch):
+    """Gumbel scores are per (seed, rank, token), so splitting a row differently draws the same."""
+    generator = torch.Generator().manual_seed(3)
+    teacher = torch.randn(5, 2000, generator=generator) * 3
+    theta = torch.randn(5, 2000, generator=generator) * 3
+    draws = []
+    for chunk, block in ((8192, 1024), (256, 64)):
+        monkeypatch.setattr(fused_mixing, "CHUNK", chunk)
+        monkeypatch.setattr(fused_mixing, "BLOCK", block)
+        draws.append(mix_and_draw(teacher, theta, 2000, MixingConfig(), seed=6,
+                                  ranks=torch.arange(5)))
+    assert torch.equal(draws[0].token_ids, draws[1].token_ids)
+    assert torch.allclose(draws[0].alpha, draws[1].alpha, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance"])
+def test_fused_solver_meets_tolerance_without_newton(monkeypatch, method):
+    """With Newton switched off, the bisection tail alone still brackets α within 1e-6."""
+    monkeypatch.setattr(fused_mixing, "NEWTON_STEPS", 0)
+    generator = torch.Generator().manual_seed(11)
+    rows, vocab = 6, 700
+    teacher = torch.randn(rows, vocab, generator=generator) * 4
+    theta = torch.randn(rows, vocab, generator=generator) * 4
+    norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
+    alpha = fused_mixing.solve_alpha(teacher, theta, vocab, 1.0, norms, method, 0.0, 1.0,
+                                     1e-6, mixing.ROUNDING_SLACK)
+    log_t = log_normalise(teacher.double().numpy())
+    log_s = log_normalise(theta.double().numpy())
+    for row in range(rows):
+        expected = reference_alpha(log_t[row], log_s[row], method, 0.0, 1.0, 0.5)
+        assert abs(float(alpha[row]) - expected) < 2e-6
+
+
+@pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance"])
+def test_fused_newton_converges_in_its_passes(fused_backend, monkeypatch, method):
+    """Newton alone (no bisection tail) meets 1e-6 within NEWTON_STEPS passes, chunked rows:
+    it needs the exact slope, so this checks the merged variance and tilted means."""
+    monkeypatch.setattr(fused_mixing, "bisection_steps", lambda *_: 0)
+    monkeypatch.setattr(fused_mixing, "CHUNK", 256)
+    monkeypatch.setattr(fused_mixing, "BLOCK", 64)
+    generator = torch.Generator().manual_seed(12)
+    rows, vocab = 6, 1500
+    teacher = torch.randn(rows, vocab, generator=generator) * 3
+    theta = 0.5 * teacher + torch.randn(rows, vocab, generator=generator) * 2
+    norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
+    alpha = fused_mixing.solve_alpha(teacher, theta, vocab, 1.0, norms, method, 0.0, 1.0,
+                                     1e-6, mixing.ROUNDING_SLACK)
+    log_t = log_normalise(teacher.double().numpy())
+    log_s = log_normalise(theta.double().numpy())
+    for row in range(rows):
+        expected = reference_alpha(log_t[row], log_s[row], method, 0.0, 1.0, 0.5)
+        assert abs(float(alpha[row]) - expected) < 2e-6
