@@ -132,8 +132,10 @@ class _Step:
     number: int
     teacher_plan: object
     admitted: dict[str, PairRequest]
-    has_logits: bool = False
+    teacher_output: object = None
     theta_plan: object = None
+    theta_output: object = None
+    has_logits: bool = False
     rows: tuple[str, ...] = ()
     pair_indices: np.ndarray | None = None
     values: _HostCopy | None = None
@@ -279,7 +281,8 @@ class LockstepPair:
             step = _Step(number=run.steps, teacher_plan=self.teacher.schedule(),
                          admitted=admitted)
         with self._phase("teacher_forward", device):
-            step.has_logits = self.teacher.execute(step.teacher_plan)
+            step.teacher_output = self.teacher.execute(step.teacher_plan)
+            step.has_logits = step.teacher_output is None
         run.steps += 1
         self.steps_run += 1
         return step
@@ -290,8 +293,8 @@ class LockstepPair:
             step.theta_plan = self.theta.schedule()
             self._check_schedules(step.teacher_plan, step.theta_plan, step.admitted)
         with self._phase("theta_forward", self.theta.device):
-            theta_has_logits = self.theta.execute(step.theta_plan)
-        if step.has_logits != theta_has_logits:
+            step.theta_output = self.theta.execute(step.theta_plan)
+        if step.has_logits != (step.theta_output is None):
             raise LockstepError(f"step {step.number}: only one engine produced logits")
         if step.has_logits:
             self._mix_and_force(step, config, step_seed(seed, step.number))
@@ -299,7 +302,7 @@ class LockstepPair:
     def _retire_teacher(self, step: _Step, run: _Run) -> StepResult:
         """Give the teacher its output; finished pairs release their KV reservations."""
         with self._phase("teacher_host"):
-            result = self.teacher.update(step.teacher_plan)
+            result = self.teacher.update(step.teacher_plan, step.teacher_output)
             for request_id, reason in result.finish_reasons.items():
                 request = run.active.pop(request_id)
                 run.reserved["teacher"] -= self.blocks_needed(
@@ -312,7 +315,7 @@ class LockstepPair:
     def _retire_theta(self, step: _Step, teacher_result: StepResult, run: _Run) -> None:
         """Give theta its output, check both engines appended the drawn tokens, record them."""
         with self._phase("theta_host"):
-            theta_result = self.theta.update(step.theta_plan)
+            theta_result = self.theta.update(step.theta_plan, step.theta_output)
             drawn: dict[str, int] = {}
             if step.has_logits:
                 values = step.values.get()
@@ -397,9 +400,10 @@ class LockstepPair:
             draw = mix_and_draw(teacher_logits, theta_logits, self.vocab_size, config, seed,
                                 rank_in_pair_order)
         with self._phase("sample", device):
-            self.teacher.sample_forced(draw.token_ids)
-            self.theta.sample_forced(draw.token_ids if teacher_for_theta is None
-                                     else draw.token_ids[teacher_for_theta])
+            step.teacher_output = self.teacher.sample_forced(draw.token_ids)
+            step.theta_output = self.theta.sample_forced(
+                draw.token_ids if teacher_for_theta is None
+                else draw.token_ids[teacher_for_theta])
             step.values = _HostCopy(torch.stack(
                 [draw.token_ids.double(), draw.alpha.double(), draw.log_q.double(),
                  draw.log_teacher.double(), draw.log_theta.double()], dim=1))

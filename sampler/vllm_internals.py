@@ -110,7 +110,6 @@ class SteppedEngine:
         self.logits_width: int = config.model_config.get_vocab_size()
         self.device: torch.device = torch.device(self._runner.device)
         self.overlaps_steps: bool = bool(config.scheduler_config.async_scheduling)
-        self._pending_output: Any = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
                     stop_token_ids: list[int]) -> None:
@@ -138,13 +137,10 @@ class SteppedEngine:
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return new, cached, preempted
 
-    def execute(self, scheduler_output: Any) -> bool:
-        """Launch the forward pass; True when logits wait for sampling in the model runner."""
-        output = self._executor.execute_model(scheduler_output)
-        if output is not None:
-            self._pending_output = output
-            return False
-        return True
+    def execute(self, scheduler_output: Any) -> Any:
+        """Launch the forward pass. None when logits wait for sampling in the model runner;
+        otherwise the step's output (nothing was scheduled to sample)."""
+        return self._executor.execute_model(scheduler_output)
 
     def pending_logits(self) -> tuple[torch.Tensor, list[str]]:
         """The logits of the step just executed and the request id of each row."""
@@ -152,27 +148,23 @@ class SteppedEngine:
         rows = state.logits.shape[0]
         return state.logits, list(self._runner.input_batch.req_ids[:rows])
 
-    def sample_forced(self, token_ids: torch.Tensor) -> None:
+    def sample_forced(self, token_ids: torch.Tensor) -> Future:
         """Let the engine sample, with every logit but `token_ids[row]` set to −inf.
 
-        Does not wait for the device: with async scheduling the output is a future.
+        Does not wait for the device: returns the step's output as a future.
         """
         state = self._runner.execute_model_state
         forced = torch.full_like(state.logits, float("-inf"))
         forced.scatter_(1, token_ids.to(forced.device, torch.long)[:, None], 0.0)
         self._runner.execute_model_state = state._replace(logits=forced)
-        self._pending_output = self._executor.sample_tokens(None, non_block=True)
+        return self._executor.sample_tokens(None, non_block=True)
 
-    def update(self, scheduler_output: Any) -> StepResult:
-        """Hand the step's output back to the scheduler; report tokens and finished requests.
-
-        Waits for the step's sampled tokens to reach the host.
-        """
-        output = self._pending_output
+    def update(self, scheduler_output: Any, output: Any) -> StepResult:
+        """Hand a step's output (or its future) back to the scheduler; report tokens and
+        finished requests. Waits for the step's sampled tokens to reach the host."""
         if isinstance(output, Future):
             output = output.result()
         engine_outputs = self._scheduler.update_from_output(scheduler_output, output)
-        self._pending_output = None
         result = StepResult({}, {})
         for outputs in engine_outputs.values():
             for item in outputs.outputs:

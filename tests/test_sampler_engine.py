@@ -77,8 +77,8 @@ def test_both_engines_append_identical_sequences(sampler, gsm8k_rows):
         engine = getattr(sampler.pair, role)
         originals[role] = engine.update
 
-        def spying_update(plan, role=role, real=engine.update):
-            result = real(plan)
+        def spying_update(plan, step_output, role=role, real=engine.update):
+            result = real(plan, step_output)
             for request_id, tokens in result.new_token_ids.items():
                 appended[role].setdefault(request_id, []).extend(tokens)
             return result
