@@ -85,6 +85,17 @@ def _normaliser_merge_kernel(partials, chunks, out_t, out_s, CHUNKS_P2: tl.const
 
 
 @triton.jit
+def _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols, mask, inv_temperature,
+                        a_t, a_s):
+    """log t and log θ of one block of a row (0 where masked)."""
+    lt = tl.load(teacher + row * stride_t + cols, mask=mask,
+                 other=0.0).to(tl.float32) * inv_temperature - a_t
+    ls = tl.load(theta + row * stride_s + cols, mask=mask,
+                 other=0.0).to(tl.float32) * inv_temperature - a_s
+    return lt, ls
+
+
+@triton.jit
 def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv_temperature,
                             norm_t, norm_s, points, point_count, done, partials,
                             ESS: tl.constexpr, SKIP_DONE: tl.constexpr,
@@ -114,10 +125,8 @@ def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv
                        BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab
-        lt = tl.load(teacher + row * stride_t + cols, mask=mask,
-                     other=0.0).to(tl.float32) * inv_temperature - a_t
-        ls = tl.load(theta + row * stride_s + cols, mask=mask,
-                     other=0.0).to(tl.float32) * inv_temperature - a_s
+        lt, ls = _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols, mask,
+                                     inv_temperature, a_t, a_s)
         f = lt - ls
         x = tl.where(mask, ls + s * f, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, 0))
@@ -241,10 +250,8 @@ def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_tempera
                        BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab
-        lt = tl.load(teacher + row * stride_t + cols, mask=mask,
-                     other=0.0).to(tl.float32) * inv_temperature - a_t
-        ls = tl.load(theta + row * stride_s + cols, mask=mask,
-                     other=0.0).to(tl.float32) * inv_temperature - a_s
+        lt, ls = _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols, mask,
+                                     inv_temperature, a_t, a_s)
         x = tl.where(mask, (1.0 - a) * ls + a * lt, float("-inf"))
         uniform = tl.rand(seed, rank * vocab + cols)
         uniform = tl.minimum(tl.maximum(uniform, 1e-12), 1.0 - 1e-7)

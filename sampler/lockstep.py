@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,7 +146,7 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**31 - 1)
 
 
-def _to_device(values, device: torch.device) -> torch.Tensor:
+def _to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
     """Integer indices on the device, copied without making the host wait for the device."""
     tensor = torch.as_tensor(values, dtype=torch.long)
     if device.type == "cuda":
