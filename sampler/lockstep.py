@@ -257,7 +257,7 @@ class LockstepPair:
                     if in_flight is not None:
                         self._retire_theta(in_flight, teacher_result, run)
                     if step is not None:
-                        self._launch_theta(step, config, seed, run)
+                        self._launch_theta(step, config, seed)
                 if step is None and in_flight is None:
                     break
                 in_flight = step
@@ -269,8 +269,9 @@ class LockstepPair:
         return run.log.traces(run.finish_reasons)
 
     def _launch(self, run: _Run, config: MixingConfig, seed: int) -> _Step:
+        """The whole launch half of a step (overlapped order)."""
         step = self._launch_teacher(run)
-        self._launch_theta(step, config, seed, run)
+        self._launch_theta(step, config, seed)
         return step
 
     def _launch_teacher(self, run: _Run) -> _Step:
@@ -287,7 +288,7 @@ class LockstepPair:
         self.steps_run += 1
         return step
 
-    def _launch_theta(self, step: _Step, config: MixingConfig, seed: int, run: _Run) -> None:
+    def _launch_theta(self, step: _Step, config: MixingConfig, seed: int) -> None:
         """Schedule theta, check it matches the teacher, launch its forward pass, mix and force."""
         with self._phase("theta_host"):
             step.theta_plan = self.theta.schedule()
@@ -391,9 +392,9 @@ class LockstepPair:
         teacher_logits, teacher_rows = self.teacher.pending_logits()
         theta_logits, theta_rows = self.theta.pending_logits()
         device = teacher_logits.device
-        alignment = self._alignment(tuple(teacher_rows), tuple(theta_rows), device)
-        step.pair_indices, rank_in_pair_order, theta_for_teacher, teacher_for_theta = alignment
         step.rows = tuple(teacher_rows)
+        alignment = self._alignment(step.rows, tuple(theta_rows), device)
+        step.pair_indices, rank_in_pair_order, theta_for_teacher, teacher_for_theta = alignment
         if theta_for_teacher is not None:
             theta_logits = theta_logits[theta_for_teacher]
         with self._phase("mixing", device):
