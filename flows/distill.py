@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, UTC
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -133,7 +133,6 @@ def _generate_and_publish(config, run_date: date, root: Path, shard_size: int, r
 
     problems, passed_tables, shard_rows = [], [], []
     counts = {"ok": 0, "reused": 0, "quarantined": 0, "failed": 0}
-    generation_rejects = 0
     docs = None
     for shard, future in zip(shards, futures):
         row = {"shard": shard.index, "key": shard.key, "prompts": len(shard.prompts)}
@@ -149,11 +148,10 @@ def _generate_and_publish(config, run_date: date, root: Path, shard_size: int, r
             shard_rows.append({**row, "status": "failed", "rows": 0, "validation": str(error)})
             continue
         table = pq.read_table(outcome.path)
-        refused = table.filter(pa.compute.equal(table["finish_reason"], "rejected"))
-        table = table.filter(pa.compute.not_equal(table["finish_reason"], "rejected"))
+        refused = table.filter(pc.equal(table["finish_reason"], "rejected"))
+        table = table.filter(pc.not_equal(table["finish_reason"], "rejected"))
         if refused.num_rows and not outcome.reused:
             record_rejects_for(warehouse, config.name, run_id, refused)
-        generation_rejects += refused.num_rows
         validation = validate_shard(table, config, str(root), run_id, shard.key)
         docs = validation.docs_path
         status = "reused" if outcome.reused else "generated"
@@ -201,8 +199,7 @@ def _generate_and_publish(config, run_date: date, root: Path, shard_size: int, r
             partition, rows_published = publish(combined, config, str(root), run_date, answers,
                                                 lineage)
             published = combined
-            every_alpha = np.concatenate([np.asarray(a, dtype=float)
-                                          for a in combined["alpha"].to_pylist()])
+            every_alpha = pc.list_flatten(combined["alpha"]).to_numpy().astype(float)
             alpha = {"mean": float(every_alpha.mean()), "std": float(every_alpha.std()),
                      "min": float(every_alpha.min()), "max": float(every_alpha.max()),
                      "count": int(every_alpha.size)}
@@ -241,8 +238,7 @@ def record_rejects_for(warehouse: Path, dataset: str, run_id: str, refused: pa.T
 
 def _count_rejects(warehouse: Path, run_id: str) -> int:
     with open_warehouse(warehouse) as connection:
-        return connection.execute("SELECT count(*) FROM rejects WHERE run_id = ?",
-                                  [run_id]).fetchone()[0]
+        return connection.execute(query("count_rejects"), {"run_id": run_id}).fetchone()[0]
 
 
 def main() -> None:

@@ -57,6 +57,8 @@ class MixingConfig:
     top_k: int = -1
     top_p: float = 1.0
     tolerance: float = 1e-6
+    #: Cap for the torch path; the fused CUDA path runs a fixed schedule that always meets
+    #: `tolerance` (Newton passes, then enough bisection passes for any bracket).
     max_newton_steps: int = 60
 
     def __post_init__(self) -> None:

@@ -125,7 +125,8 @@ class DatasetConfig(Strict):
         import string
 
         for name in ("teacher_template", "theta_template"):
-            fields = {f for _, f, _, _ in string.Formatter().parse(getattr(self.prompts, name)) if f}
+            template = getattr(self.prompts, name)
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
             unknown = fields - set(self.text_columns)
             if unknown:
                 raise ValueError(f"prompts.{name} uses {sorted(unknown)}, which are not in "

@@ -44,10 +44,9 @@ def curate(table: pa.Table, config: DatasetConfig, reference_answers: dict[str, 
            lineage: dict[str, object]) -> pa.Table:
     """Apply the dataset's filters and add lineage columns to every row."""
     if config.curation.gsm8k_answer_check:
-        correct = [final_answer(text) is not None and
-                   final_answer(text) == final_answer(reference_answers.get(prompt_id))
-                   for text, prompt_id in zip(table["completion"].to_pylist(),
-                                              table["prompt_id"].to_pylist())]
+        answers = [final_answer(text) for text in table["completion"].to_pylist()]
+        correct = [answer is not None and answer == final_answer(reference_answers.get(prompt_id))
+                   for answer, prompt_id in zip(answers, table["prompt_id"].to_pylist())]
         table = table.append_column("answer_correct", pa.array(correct))
         table = table.filter(pc.field("answer_correct"))
     rows = table.num_rows
@@ -57,7 +56,8 @@ def curate(table: pa.Table, config: DatasetConfig, reference_answers: dict[str, 
 
 
 def partition_path(published_root: Path, dataset: str, run_date: date) -> Path:
-    return published_root / f"dataset={dataset}" / f"run_date={run_date.isoformat()}" / "data.parquet"
+    partition = published_root / f"dataset={dataset}" / f"run_date={run_date.isoformat()}"
+    return partition / "data.parquet"
 
 
 def publish_partition(table: pa.Table, published_root: Path, dataset: str, run_date: date) -> Path:

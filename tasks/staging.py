@@ -1,4 +1,4 @@
-"""Stage a dataset's source into the warehouse: normalise rows, id and hash them, reject bad ones."""
+"""Stage a dataset's source into the warehouse: normalise, id and hash rows; reject bad ones."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from tasks.config import DatasetConfig
@@ -35,22 +36,33 @@ class ValidationOutcome:
     docs_path: str | None
 
 
+def _rows_with_nonfinite_or_positive(column: pa.ChunkedArray, rows: int) -> np.ndarray:
+    """Per row: whether any log-probability in its list is NaN, infinite or above 0."""
+    lists = column.combine_chunks()
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    bad = np.zeros(rows, dtype=bool)
+    bad[parents[~(np.isfinite(values) & (values <= 1e-6))]] = True
+    return bad
+
+
 def validation_frame(table: pa.Table) -> pd.DataFrame:
-    """Rows with the derived columns the expectations read."""
-    frame = table.to_pandas()
-    lengths_match, logprobs_ok = [], []
-    for row in frame.itertuples(index=False):
-        arrays = [np.asarray(getattr(row, column)) for column in PER_TOKEN_COLUMNS]
-        count = row.num_tokens
-        lengths_match.append(all(len(a) == count for a in arrays) and len(row.token_ids) == count)
-        logs = np.concatenate(arrays[1:]) if count else np.zeros(0)
-        logprobs_ok.append(bool(np.all(np.isfinite(logs)) and np.all(logs <= 1e-6)))
+    """Rows with the derived columns the expectations read (array checks done columnwise)."""
+    rows = table.num_rows
+    lengths_match = np.ones(rows, dtype=bool)
+    for column in (*PER_TOKEN_COLUMNS, "token_ids"):
+        same = pc.equal(pc.list_value_length(table[column]), table["num_tokens"])
+        lengths_match &= pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+    bad_logprobs = np.zeros(rows, dtype=bool)
+    for column in PER_TOKEN_COLUMNS[1:]:
+        bad_logprobs |= _rows_with_nonfinite_or_positive(table[column], rows)
+    frame = table.drop_columns([*PER_TOKEN_COLUMNS, "token_ids"]).to_pandas()
     frame["row_key"] = frame["prompt_id"] + "#" + frame["sample_index"].astype(str)
     frame["arrays_match_num_tokens"] = lengths_match
-    frame["logprobs_finite_and_nonpositive"] = logprobs_ok
+    frame["logprobs_finite_and_nonpositive"] = ~bad_logprobs
     frame["hit_max_tokens"] = (frame["finish_reason"] == "length").astype(float)
     frame["has_text"] = frame["completion"].fillna("").str.len() > 0
-    return frame[[c for c in frame.columns if c not in (*PER_TOKEN_COLUMNS, "token_ids")]]
+    return frame
 
 
 def shard_expectations(config: DatasetConfig) -> list:

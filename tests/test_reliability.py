@@ -230,7 +230,8 @@ def test_models_with_different_tokenizers_fail_the_run_with_the_reason(harness, 
 
 
 def test_all_or_nothing_gate_keeps_the_partition_unpublished(harness, tmp_path):
-    config = write_config(tmp_path, "gated", **{"min_rows: 1": "min_rows: 1\n  all_or_nothing: true"})
+    config = write_config(tmp_path, "gated",
+                          **{"min_rows: 1": "min_rows: 1\n  all_or_nothing: true"})
     data_dir = tmp_path / "data"
     first = distill(dataset=str(config), run_date=RUN_DATE, shard_size=4, data_dir=str(data_dir))
     victim = sorted((data_dir / "shards" / "gated").glob("*.parquet"))[0]

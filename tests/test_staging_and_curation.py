@@ -1,4 +1,5 @@
-"""Every source format staged through real DuckDB, and the GSM8K final-answer filter."""
+"""Every source format staged through real DuckDB, the GSM8K final-answer filter, and the
+per-row array checks that the validation suites read."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from tasks.config import DATASETS_DIR, parse_dataset_config
 from tasks.publishing import curate, final_answer
 from tasks.staging import normalise_rows, read_source
+from tasks.validation import validation_frame
 
 ROWS = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
         {"question": "How many legs has a cat?", "answer": "#### 4"},
@@ -59,3 +61,24 @@ def test_gsm8k_answer_check_keeps_only_matching_final_answers():
     assert curated["prompt_id"].to_pylist() == ["a", "b"]
     assert curated["run_id"].to_pylist() == ["r1", "r1"]
     assert final_answer("x #### -12.5") == "-12.5" and final_answer("none") is None
+
+
+def test_validation_frame_flags_bad_arrays_row_by_row():
+    """Row 0 is sound; row 1's log q holds +0.5; row 2's alpha list is one token short;
+    row 3 has a NaN log θ; row 4 generated nothing."""
+    good = [-0.1, -2.0]
+    table = pa.table({
+        "prompt_id": ["a", "b", "c", "d", "e"], "sample_index": [0, 0, 0, 0, 0],
+        "completion": ["x", "x", "x", "x", ""], "finish_reason": ["stop"] * 4 + ["length"],
+        "num_tokens": [2, 2, 2, 2, 0],
+        "token_ids": [[1, 2]] * 4 + [[]],
+        "alpha": [[0.5, 0.6], [0.5, 0.6], [0.5], [0.5, 0.6], []],
+        "log_q": [good, [-0.1, 0.5], good, good, []],
+        "log_teacher": [good] * 4 + [[]],
+        "log_theta": [good, good, good, [-0.1, float("nan")], []],
+    })
+    frame = validation_frame(table)
+    assert frame["arrays_match_num_tokens"].tolist() == [True, True, False, True, True]
+    assert frame["logprobs_finite_and_nonpositive"].tolist() == [True, False, True, False, True]
+    assert frame["row_key"].tolist() == ["a#0", "b#0", "c#0", "d#0", "e#0"]
+    assert "alpha" not in frame.columns and "token_ids" not in frame.columns
