@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from prefect import task
 from sampler.prompts import PromptFormat
 from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
 from tasks.atomic_files import write_atomically
+from tasks.engines import ENGINES
 from tasks.staging import StagedPrompt
 
 logger = logging.getLogger(__name__)
 
-GSM8K_PATH = Path(os.environ.get("GSM8K_PATH", REPO_ROOT.parent / "shared/data/gsm8k/test.jsonl"))
+GSM8K_PATH = Path(os.environ.get("GSM8K_PATH", REPO_ROOT / "data" / "gsm8k" / "test.jsonl"))
 
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("content_hash", pa.string()),
@@ -92,26 +92,6 @@ def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
     pair = dict(zip(("teacher", "theta"), make_tiny_pair(root, corpus)))
     return tuple(str(pair[name.removeprefix(TINY_PREFIX)]) if name.startswith(TINY_PREFIX)
                  else name for name in names)
-
-
-class EngineCache:
-    """One engine pair per worker process, reused across shards; one shard at a time on it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: str | None = None
-        self._sampler = None
-
-    def run(self, key: str, build, work):
-        with self._lock:
-            if self._key != key:
-                self._key, self._sampler = None, None
-                self._sampler = build()
-                self._key = key
-            return work(self._sampler)
-
-
-ENGINES = EngineCache()
 
 
 def _build_sampler(config: DatasetConfig, data_dir: Path):

@@ -150,7 +150,7 @@ def test_rejected_rows_carry_their_reasons(tmp_path):
             {"id": "e", "question": "How many legs has a cat?", "answer": "#### 4"}]
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = (DATASETS_DIR / "demo.yaml").read_text().replace(
-        "path: ../shared/data/gsm8k/test.jsonl", f"path: {source}").replace(
+        "path: data/gsm8k/test.jsonl", f"path: {source}").replace(
         "name: demo", "name: bad_rows").replace("limit: 12", "limit: 100").replace(
         "text_columns: [question, answer]", "id_column: id\ntext_columns: [question, answer]")
     (tmp_path / "bad_rows.yaml").write_text(config)

@@ -175,7 +175,7 @@ def test_ten_kinds_of_bad_rows_are_rejected_by_row_and_the_good_rows_published(
     source = tmp_path / "bad.jsonl"
     source.write_bytes("\n".join(lines).encode("utf-8", errors="surrogateescape") + b"\n")
     config = write_config(tmp_path, "bad_rows", **{
-        "path: ../shared/data/gsm8k/test.jsonl": f"path: {source}", "limit: 12": "limit: 100",
+        "path: data/gsm8k/test.jsonl": f"path: {source}", "limit: 12": "limit: 100",
         "max_prompt_chars: 2000": "max_prompt_chars: 50000",
         "text_columns: [question, answer]": "id_column: id\ntext_columns: [question, answer]"})
     summary = distill(dataset=str(config), run_date=RUN_DATE, shard_size=4,
@@ -201,7 +201,7 @@ def test_ten_kinds_of_bad_rows_are_rejected_by_row_and_the_good_rows_published(
 @pytest.mark.parametrize("replacements,field", [
     ({"alpha_method: kl_symmetry": "alpha_method: magic"}, "alpha_method"),
     ({"alpha_min: 0.5": "alpha_min: 0.9", "alpha_max: 1.0": "alpha_max: 0.6"}, "alpha_min"),
-    ({"path: ../shared/data/gsm8k/test.jsonl": "path: /no/such/file.jsonl"}, "source.path"),
+    ({"path: data/gsm8k/test.jsonl": "path: /no/such/file.jsonl"}, "source.path"),
     ({"text_columns: [question, answer]": "text_columns: [question, answer, hint]",
       '"{question}"': '"{question} {hint}"'}, "hint"),
     ({"teacher: tiny:teacher": "teacher: /no/such/model"}, "models.teacher"),
