@@ -1,21 +1,36 @@
 -- Views for people querying the pipeline's output; {published_glob} is bound at refresh time.
+-- Every sample is in exactly one partition (dataset, generation, run_date).
 CREATE OR REPLACE VIEW published AS
 SELECT * FROM read_parquet('{published_glob}', hive_partitioning = true, union_by_name = true);
 
+-- Per prompt, every sample of its most recently generated version (generation and content).
+CREATE OR REPLACE VIEW latest_generation AS
+WITH versions AS (
+    SELECT dataset, prompt_id, generation, content_hash, max(generated_at) AS generated_at
+    FROM published GROUP BY ALL
+), latest AS (
+    SELECT * FROM versions
+    QUALIFY row_number() OVER (PARTITION BY dataset, prompt_id
+                               ORDER BY generated_at DESC, generation) = 1
+)
+SELECT published.* FROM published JOIN latest USING (dataset, prompt_id, generation, content_hash);
+
 CREATE OR REPLACE VIEW rows_per_dataset_date AS
-SELECT dataset, run_date, count(*) AS rows, count(DISTINCT prompt_id) AS prompts,
+SELECT dataset, run_date, generation, count(*) AS rows, count(DISTINCT prompt_id) AS prompts,
        avg(num_tokens) AS mean_tokens
-FROM published GROUP BY ALL ORDER BY dataset, run_date;
+FROM published GROUP BY ALL ORDER BY dataset, run_date, generation;
 
 CREATE OR REPLACE VIEW alpha_by_dataset AS
-SELECT dataset, run_date, avg(alpha_mean) AS mean_alpha, min(alpha_min) AS min_alpha,
+SELECT dataset, run_date, generation, avg(alpha_mean) AS mean_alpha, min(alpha_min) AS min_alpha,
        max(alpha_max) AS max_alpha, alpha_method
-FROM published GROUP BY ALL ORDER BY dataset, run_date;
+FROM published GROUP BY ALL ORDER BY dataset, run_date, generation;
 
 CREATE OR REPLACE VIEW rejected_rows AS
-SELECT dataset, run_id, stage, source_row, prompt_id, reason, rejected_at
+SELECT dataset, stage, source_row, prompt_id, reason, run_id AS first_run_id, last_run_id,
+       rejected_at, last_seen_at
 FROM rejects ORDER BY rejected_at DESC;
 
 CREATE OR REPLACE VIEW latest_runs AS
-SELECT run_id, dataset, run_date, status, rows_published, message, started_at, finished_at
+SELECT run_id, dataset, run_date, generation_hash AS generation, status, rows_published, message,
+       started_at, finished_at
 FROM runs ORDER BY started_at DESC;

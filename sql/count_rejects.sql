@@ -1,2 +1,2 @@
--- Rows rejected by one run, at any stage.
-SELECT count(*) FROM rejects WHERE run_id = $run_id
+-- Distinct rejects one run saw, at any stage (first recorded by it or by an earlier run).
+SELECT count(*) FROM rejects WHERE last_run_id = $run_id

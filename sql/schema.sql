@@ -1,4 +1,5 @@
--- Warehouse of the distillation pipeline: staged prompts, rejects, runs, shards, validations.
+-- Warehouse of the distillation pipeline: staged prompts, rejects, generations, claims, runs,
+-- shards, validations.
 CREATE TABLE IF NOT EXISTS prompts (
     dataset        VARCHAR NOT NULL,
     prompt_id      VARCHAR NOT NULL,
@@ -11,15 +12,43 @@ CREATE TABLE IF NOT EXISTS prompts (
     PRIMARY KEY (dataset, prompt_id)
 );
 
+-- One row per distinct reject (dataset, stage, reason and raw row), however many runs saw it.
 CREATE TABLE IF NOT EXISTS rejects (
-    run_id      VARCHAR NOT NULL,
-    dataset     VARCHAR NOT NULL,
-    stage       VARCHAR NOT NULL,   -- 'stage' (bad source row) or 'generate' (model refused it)
-    source_row  BIGINT,
-    prompt_id   VARCHAR,
-    reason      VARCHAR NOT NULL,
-    raw         VARCHAR,
-    rejected_at TIMESTAMP NOT NULL
+    run_id       VARCHAR NOT NULL,  -- the first run that saw it
+    dataset      VARCHAR NOT NULL,
+    stage        VARCHAR NOT NULL,  -- 'stage' (bad source row) or 'generate' (model refused it)
+    source_row   BIGINT,
+    prompt_id    VARCHAR,
+    reason       VARCHAR NOT NULL,
+    raw          VARCHAR,
+    rejected_at  TIMESTAMP NOT NULL,
+    reject_key   VARCHAR,
+    last_run_id  VARCHAR,
+    last_seen_at TIMESTAMP
+);
+
+-- Everything that makes a generation's samples, resolved: prompts (system prompts, templates),
+-- models with checkpoint fingerprints, sampling, engine, sampler code version.
+CREATE TABLE IF NOT EXISTS generations (
+    generation      VARCHAR PRIMARY KEY,
+    dataset         VARCHAR NOT NULL,
+    sampler_version VARCHAR NOT NULL,
+    settings        JSON NOT NULL,
+    first_run_id    VARCHAR NOT NULL,
+    created_at      TIMESTAMP NOT NULL
+);
+
+-- Which run date owns the first samples of each prompt version in a generation.
+CREATE TABLE IF NOT EXISTS prompt_claims (
+    dataset      VARCHAR NOT NULL,
+    generation   VARCHAR NOT NULL,
+    prompt_id    VARCHAR NOT NULL,
+    content_hash VARCHAR NOT NULL,
+    run_date     DATE NOT NULL,
+    run_id       VARCHAR NOT NULL,
+    published    BOOLEAN NOT NULL,   -- settled by a publish of that date (kept or curated out)
+    claimed_at   TIMESTAMP NOT NULL,
+    PRIMARY KEY (dataset, generation, prompt_id, content_hash)
 );
 
 CREATE TABLE IF NOT EXISTS runs (
@@ -28,13 +57,15 @@ CREATE TABLE IF NOT EXISTS runs (
     run_date        DATE NOT NULL,
     flow_run_id     VARCHAR,
     config_hash     VARCHAR NOT NULL,
-    generation_hash VARCHAR NOT NULL,
-    code_version    VARCHAR,
-    status          VARCHAR NOT NULL,   -- running, published, failed
+    generation_hash VARCHAR,           -- the generation key (see generations)
+    code_version    VARCHAR,           -- git commit of the running code
+    status          VARCHAR NOT NULL,  -- running, published, up_to_date, partial, failed, crashed
     rows_published  BIGINT,
     message         VARCHAR,
     started_at      TIMESTAMP NOT NULL,
-    finished_at     TIMESTAMP
+    finished_at     TIMESTAMP,
+    config          JSON,              -- the resolved dataset config
+    code_dirty      BOOLEAN            -- uncommitted changes to the generation code
 );
 
 CREATE TABLE IF NOT EXISTS shards (
@@ -49,7 +80,9 @@ CREATE TABLE IF NOT EXISTS shards (
     failed_expectations VARCHAR,
     result_path  VARCHAR,
     error        VARCHAR,
-    recorded_at  TIMESTAMP NOT NULL
+    recorded_at  TIMESTAMP NOT NULL,
+    generation   VARCHAR,
+    sample_round VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS validations (
@@ -63,3 +96,13 @@ CREATE TABLE IF NOT EXISTS validations (
     docs_path    VARCHAR,
     validated_at TIMESTAMP NOT NULL
 );
+
+-- Catalogs made before generations existed gain the columns added since.
+ALTER TABLE rejects ADD COLUMN IF NOT EXISTS reject_key VARCHAR;
+ALTER TABLE rejects ADD COLUMN IF NOT EXISTS last_run_id VARCHAR;
+ALTER TABLE rejects ADD COLUMN IF NOT EXISTS last_seen_at TIMESTAMP;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS config JSON;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS code_dirty BOOLEAN;
+ALTER TABLE runs ALTER COLUMN generation_hash DROP NOT NULL;
+ALTER TABLE shards ADD COLUMN IF NOT EXISTS generation VARCHAR;
+ALTER TABLE shards ADD COLUMN IF NOT EXISTS sample_round VARCHAR;

@@ -27,10 +27,11 @@ def write_atomically(table: pa.Table, path: Path, crash_point_name: str = "write
     os.replace(temporary, path)
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files left by writers that died (their names carry the pid)."""
+def remove_stale_temporaries(*folders: Path) -> int:
+    """Delete temporary files left by writers that died (their names carry the pid); the
+    temporaries of live writers (another run at work) stay."""
     removed = 0
-    for temporary in folder.rglob(".*.tmp"):
+    for temporary in (t for folder in folders for t in folder.rglob(".*.tmp")):
         pid = temporary.name.rsplit(".", 3)[-3]
         if pid.isdigit() and not _alive(int(pid)):
             temporary.unlink(missing_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -69,7 +68,11 @@ class SamplingConfig(Strict):
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = Field(default=512, gt=0)
+    #: Samples of a prompt version when it is new or changed (its "first" samples).
     samples_per_prompt: int = Field(default=1, gt=0)
+    #: Fresh samples of every current prompt on each run date (0: none); their seed derives
+    #: from `seed` and the run date.
+    samples_per_run: int = Field(default=0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -133,11 +136,13 @@ class DatasetConfig(Strict):
                                  f"text_columns {self.text_columns}")
         return self
 
-    def generation_hash(self) -> str:
-        """Hash of everything that changes generated text: prompts, models, sampling, engine."""
-        payload = {key: getattr(self, key).model_dump() for key in
-                   ("prompts", "models", "sampling", "engine")}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    def generation_settings(self) -> dict:
+        """What changes generated text: prompts, models, sampling, engine. Not
+        `samples_per_run`, which says how many samples a date adds, not how they are drawn."""
+        settings = {key: getattr(self, key).model_dump() for key in
+                    ("prompts", "models", "engine")}
+        settings["sampling"] = self.sampling.model_dump(exclude={"samples_per_run"})
+        return settings
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]

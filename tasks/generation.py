@@ -1,7 +1,9 @@
 """Shards of prompts, generated with the mixing sampler and written atomically as Parquet.
 
-A shard's key hashes its prompts' content and the generation config, so a rerun finds a
-finished shard by name and skips it; a crashed write leaves only a temporary file.
+A shard's key (see tasks/planning.py) hashes everything that changes its samples, so a rerun
+finds a finished shard by name and skips it; a crashed write leaves only a temporary file.
+Every row carries its lineage: the generation, the run that generated it, the code version
+and each checkpoint's path and fingerprint.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +23,9 @@ from sampler.prompts import PromptFormat
 from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
 from tasks.atomic_files import write_atomically
 from tasks.engines import ENGINES
-from tasks.staging import StagedPrompt
+from tasks.layout import DataDir
+from tasks.lineage import Generation
+from tasks.planning import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +39,15 @@ SHARD_SCHEMA = pa.schema([
     ("alpha", pa.list_(pa.float32())), ("log_q", pa.list_(pa.float32())),
     ("log_teacher", pa.list_(pa.float32())), ("log_theta", pa.list_(pa.float32())),
     ("alpha_mean", pa.float64()), ("alpha_std", pa.float64()), ("alpha_min", pa.float64()),
-    ("alpha_max", pa.float64()), ("seed", pa.int64()),
+    ("alpha_max", pa.float64()), ("seed", pa.int64()), ("sample_round", pa.string()),
+    # lineage, the same for every row of a shard (Generation.row_lineage)
+    ("generation", pa.string()), ("generated_run_id", pa.string()),
+    ("generated_at", pa.timestamp("us")), ("sampler_version", pa.string()),
+    ("generated_commit", pa.string()), ("generated_dirty", pa.bool_()),
+    ("teacher_model", pa.string()), ("teacher_path", pa.string()),
+    ("teacher_fingerprint", pa.string()), ("theta_model", pa.string()),
+    ("theta_path", pa.string()), ("theta_fingerprint", pa.string()),
 ])
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    key: str
-    prompts: tuple[StagedPrompt, ...]
 
 
 @dataclass(frozen=True)
@@ -50,19 +55,6 @@ class ShardOutcome:
     shard: Shard
     path: str
     reused: bool
-
-
-def plan_shards(prompts: list[StagedPrompt], config: DatasetConfig, shard_size: int) -> list[Shard]:
-    """Split prompts (in id order) into shards keyed by content and generation config."""
-    ordered = sorted(prompts, key=lambda p: p.prompt_id)
-    shards = []
-    for index, start in enumerate(range(0, len(ordered), shard_size)):
-        chunk = tuple(ordered[start:start + shard_size])
-        digest = hashlib.sha256(config.generation_hash().encode())
-        for prompt in chunk:
-            digest.update(f"{prompt.prompt_id}:{prompt.content_hash}".encode())
-        shards.append(Shard(index, digest.hexdigest()[:20], chunk))
-    return shards
 
 
 def check_model_paths(config: DatasetConfig) -> None:
@@ -94,10 +86,11 @@ def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
                  else name for name in names)
 
 
-def _build_sampler(config: DatasetConfig, data_dir: Path):
+def _build_sampler(config: DatasetConfig, generation: Generation):
+    """The engine pair on the checkpoints the generation fingerprinted."""
     from sampler.api import OptimalSamplingV1
 
-    teacher, theta = resolve_models(config, data_dir)
+    teacher, theta = generation.teacher.path, generation.theta.path
     engine = config.engine
     if engine.cpu_kv_cache_gib:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.cpu_kv_cache_gib)
@@ -109,13 +102,15 @@ def _build_sampler(config: DatasetConfig, data_dir: Path):
 
 
 def shard_seed(config: DatasetConfig, shard: Shard) -> int:
-    return int(hashlib.sha256(f"{config.sampling.seed}:{shard.key}".encode()).hexdigest()[:15], 16)
+    """From the dataset seed, the round (a run date for samples_per_run) and the shard."""
+    text = f"{config.sampling.seed}:{shard.sample_round}:{shard.key}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def generate_rows(sampler, config: DatasetConfig, shard: Shard) -> pa.Table:
+def generate_rows(sampler, config: DatasetConfig, shard: Shard,
+                  lineage: dict[str, object]) -> pa.Table:
     """Generate every sample of the shard's prompts; rows the model refuses keep their error."""
-    samples = config.sampling.samples_per_prompt
-    expanded = [(prompt, sample) for prompt in shard.prompts for sample in range(samples)]
+    expanded = [(prompt, sample) for prompt in shard.prompts for sample in range(shard.samples)]
     seed = shard_seed(config, shard)
     output = sampler.generate(
         [p.teacher_prompt for p, _ in expanded], [p.theta_prompt for p, _ in expanded],
@@ -146,26 +141,26 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard) -> pa.Table:
         "alpha_min": [s.get("min") if s.get("count") else None for s in stats],
         "alpha_max": [s.get("max") if s.get("count") else None for s in stats],
         "seed": [seed] * len(expanded),
+        "sample_round": [shard.sample_round] * len(expanded),
+        **{name: [value] * len(expanded) for name, value in lineage.items()},
     }
     return pa.table(columns, schema=SHARD_SCHEMA)
 
 
-def shard_path(shards_dir: Path, config: DatasetConfig, shard: Shard) -> Path:
-    return shards_dir / config.name / f"{shard.key}.parquet"
-
-
 @task(name="generate-shard", tags=["gpu"], retries=1, retry_delay_seconds=5)
-def generate_shard(shard: Shard, config: DatasetConfig, data_dir: str) -> ShardOutcome:
-    """Generate a shard unless its finished file already exists."""
-    root = Path(data_dir)
-    path = shard_path(root / "shards", config, shard)
+def generate_shard(shard: Shard, config: DatasetConfig, generation: Generation, run_id: str,
+                   data: DataDir) -> ShardOutcome:
+    """Generate a shard unless its finished file already exists (it then keeps the lineage
+    of the run that generated it)."""
+    path = data.shard(config.name, shard.key)
     if path.exists():
         logger.info("shard %d (%s) already generated; reusing", shard.index, shard.key)
         return ShardOutcome(shard, str(path), reused=True)
-    engine_key = json.dumps([config.models.model_dump(), config.engine.model_dump()],
-                            sort_keys=True)
-    table = ENGINES.run(engine_key, lambda: _build_sampler(config, root),
-                        lambda sampler: generate_rows(sampler, config, shard))
+    engine_key = json.dumps([generation.teacher.path, generation.theta.path,
+                             config.engine.model_dump()], sort_keys=True)
+    lineage = generation.row_lineage(run_id, datetime.now(UTC).replace(tzinfo=None))
+    table = ENGINES.run(engine_key, lambda: _build_sampler(config, generation),
+                        lambda sampler: generate_rows(sampler, config, shard, lineage))
     write_atomically(table, path, "shard-write")
     logger.info("shard %d (%s): %d rows written", shard.index, shard.key, table.num_rows)
     return ShardOutcome(shard, str(path), reused=False)

@@ -1,22 +1,43 @@
-"""The project's SQL lives in sql/*.sql; this loads it and opens the warehouse."""
+"""The project's SQL lives in sql/*.sql; this loads and runs it and opens the warehouse."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
+PARAMETER = re.compile(r"\$([A-Za-z_]\w*)")
+COMMENT = re.compile(r"--[^\n]*")
 
 
 @cache
 def query(name: str) -> str:
     """Text of sql/<name>.sql."""
     return (SQL_DIR / f"{name}.sql").read_text()
+
+
+@cache
+def statements(name: str) -> tuple[str, ...]:
+    """The statements of sql/<name>.sql (split where a line ends with `;`)."""
+    return tuple(s for s in STATEMENT_END.split(query(name)) if s.strip())
+
+
+def run_sql(connection: duckdb.DuckDBPyConnection, name: str,
+            **parameters: Any) -> duckdb.DuckDBPyConnection:
+    """Run sql/<name>.sql, each statement with the named parameters it uses (DuckDB refuses
+    extra ones); returns the connection, holding the last statement's result."""
+    for statement in statements(name):
+        used = set(PARAMETER.findall(COMMENT.sub("", statement)))
+        connection.execute(statement, {k: v for k, v in parameters.items() if k in used})
+    return connection
 
 
 def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
@@ -35,15 +56,29 @@ def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnectio
             if "lock" not in str(error).lower() or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
-    connection.execute(query("schema"))
+    run_sql(connection, "schema")
     return connection
 
 
 @contextlib.contextmanager
 def warehouse(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A connection for one piece of work, closed afterwards so other processes can write."""
+    """A connection for one piece of work, closed afterwards so other processes can write.
+
+    While it is open no other process can open the file: a read-then-write inside one
+    connection is atomic across runs.
+    """
     connection = connect(path)
     try:
         yield connection
+    finally:
+        connection.close()
+
+
+def read_catalog(path: Path, text: str) -> list[tuple]:
+    """Rows of one query on a read-only connection, closed at once: while a reader holds the
+    file, no run can write it."""
+    connection = duckdb.connect(str(path), read_only=True)
+    try:
+        return connection.execute(text).fetchall()
     finally:
         connection.close()

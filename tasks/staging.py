@@ -6,8 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from dataclasses import dataclass
-from datetime import datetime, UTC
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import duckdb
@@ -16,12 +15,14 @@ from prefect import task
 
 from sampler.errors import ConfigError
 from tasks.config import DatasetConfig
+from tasks.ledger import RunLedger
 from tasks.sql import query
-from tasks.sql import warehouse as open_warehouse
 
 logger = logging.getLogger(__name__)
 
 READERS = {"csv": "read_csv_auto(?)", "parquet": "read_parquet(?)"}
+PROMPT_COLUMNS = ["prompt_id", "content_hash", "source_row", "fields", "teacher_prompt",
+                  "theta_prompt"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class StagedPrompt:
     teacher_prompt: str
     theta_prompt: str
     fields: dict[str, str]
+
+    @property
+    def version(self) -> tuple[str, str]:
+        """(prompt_id, content_hash): a changed prompt is a new version of the same id."""
+        return self.prompt_id, self.content_hash
 
 
 def read_jsonl(path: Path, limit: int | None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
@@ -149,63 +155,15 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
     return list(staged.values()), rejects
 
 
-REJECT_COLUMNS = ["run_id", "dataset", "stage", "source_row", "prompt_id", "reason", "raw",
-                  "rejected_at"]
-
-
-def _rejects_frame(dataset: str, run_id: str, stage: str, rejects: list[dict[str, Any]],
-                   now: datetime) -> pd.DataFrame:
-    rows = [{"source_row": None, "prompt_id": None, "raw": None, **r, "run_id": run_id,
-             "dataset": dataset, "stage": stage, "rejected_at": now} for r in rejects]
-    return pd.DataFrame(rows, columns=REJECT_COLUMNS)
-
-
-def write_staged(connection: duckdb.DuckDBPyConnection, config: DatasetConfig, run_id: str,
-                 prompts: list[StagedPrompt], rejects: list[dict[str, Any]]) -> None:
-    """Upsert prompts and append rejects in one transaction."""
-    now = datetime.now(UTC).replace(tzinfo=None)
-    staged = pd.DataFrame([{"dataset": config.name, "prompt_id": p.prompt_id,
-                            "content_hash": p.content_hash, "source_row": p.source_row,
-                            "fields": json.dumps(p.fields), "teacher_prompt": p.teacher_prompt,
-                            "theta_prompt": p.theta_prompt, "staged_at": now} for p in prompts],
-                          columns=["dataset", "prompt_id", "content_hash", "source_row", "fields",
-                                   "teacher_prompt", "theta_prompt", "staged_at"])
-    rejected = _rejects_frame(config.name, run_id, "stage", rejects, now)
-    connection.execute("BEGIN TRANSACTION")
-    try:
-        connection.register("staged", staged)
-        connection.execute(query("upsert_prompts"))
-        connection.register("rejected", rejected)
-        connection.execute(query("insert_rejects"))
-        connection.execute("COMMIT")
-    except Exception:
-        connection.execute("ROLLBACK")
-        raise
-    finally:
-        connection.unregister("staged")
-        connection.unregister("rejected")
-
-
-def record_rejects(connection: duckdb.DuckDBPyConnection, dataset: str, run_id: str, stage: str,
-                   rejects: list[dict[str, Any]]) -> None:
-    """Append rejects found after staging (e.g. prompts too long for the model's context)."""
-    if not rejects:
-        return
-    connection.register("rejected", _rejects_frame(dataset, run_id, stage, rejects,
-                                                   datetime.now(UTC).replace(tzinfo=None)))
-    try:
-        connection.execute(query("insert_rejects"))
-    finally:
-        connection.unregister("rejected")
-
-
 @task(name="stage-prompts")
-def stage_prompts(warehouse: str, config: DatasetConfig, run_id: str) -> list[StagedPrompt]:
+def stage_prompts(ledger: RunLedger, config: DatasetConfig) -> list[StagedPrompt]:
     """Load the source into the warehouse; returns the usable prompts of this run."""
-    with open_warehouse(Path(warehouse)) as connection:
+    with ledger.reading() as connection:
         frame, unreadable = read_source(connection, config)
-        prompts, rejects = normalise_rows(frame, config)
-        rejects = unreadable + rejects
-        write_staged(connection, config, run_id, prompts, rejects)
+    prompts, rejects = normalise_rows(frame, config)
+    rejects = unreadable + rejects
+    staged = pd.DataFrame([{**asdict(p), "fields": json.dumps(p.fields)} for p in prompts],
+                          columns=PROMPT_COLUMNS)
+    ledger.record_staged(staged, rejects)
     logger.info("staged %d prompts, rejected %d rows", len(prompts), len(rejects))
     return prompts

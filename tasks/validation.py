@@ -1,7 +1,8 @@
 """Great Expectations suites over generated rows, per shard and per dataset.
 
 Rows go to GX as pandas frames (GX 1.24 cannot validate DuckDB tables through its SQL
-route). Derived columns turn per-row array checks into plain column expectations.
+route). Derived columns turn per-row array checks into plain column expectations. The GX
+file context is shared by every run of every dataset, so one validation uses it at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pyarrow.compute as pc
 from prefect import task
 
 from tasks.config import DatasetConfig
+from tasks.layout import DataDir
+from tasks.locking import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ def validation_frame(table: pa.Table) -> pd.DataFrame:
     for column in PER_TOKEN_COLUMNS[1:]:
         bad_logprobs |= _rows_with_nonfinite_or_positive(table[column], rows)
     frame = table.drop_columns([*PER_TOKEN_COLUMNS, "token_ids"]).to_pandas()
-    frame["row_key"] = frame["prompt_id"] + "#" + frame["sample_index"].astype(str)
+    frame["row_key"] = (frame["prompt_id"] + "#" + frame["sample_round"] + "#"
+                        + frame["sample_index"].astype(str))
     frame["arrays_match_num_tokens"] = lengths_match
     frame["logprobs_finite_and_nonpositive"] = ~bad_logprobs
     frame["hit_max_tokens"] = (frame["finish_reason"] == "length").astype(float)
@@ -96,9 +100,16 @@ def dataset_expectations(config: DatasetConfig) -> list:
     ]
 
 
-def run_suite(gx_root: Path, results_dir: Path, name: str, expectations: list,
+def run_suite(data: DataDir, name: str, result_path: Path, expectations: list,
               frame: pd.DataFrame) -> ValidationOutcome:
-    """Validate `frame` with a checkpoint that also updates the Data Docs; keep the result JSON."""
+    """Validate `frame` with suite `name` in a checkpoint that also updates the Data Docs;
+    keep the result JSON at `result_path`."""
+    with exclusive(data.locks / "gx.lock"):
+        return _run_suite(data.gx, name, result_path, expectations, frame)
+
+
+def _run_suite(gx_root: Path, name: str, result_path: Path, expectations: list,
+               frame: pd.DataFrame) -> ValidationOutcome:
     context = gx.get_context(mode="file", project_root_dir=str(gx_root))
     source = context.data_sources.add_or_update_pandas("generated")
     try:
@@ -120,8 +131,7 @@ def run_suite(gx_root: Path, results_dir: Path, name: str, expectations: list,
     validation = next(iter(result.run_results.values()))
     failed = [f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column', '')})"
               for r in validation.results if not r.success]
-    results_dir.mkdir(parents=True, exist_ok=True)
-    result_path = results_dir / f"{name}.json"
+    result_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = result_path.with_name(f".{result_path.name}.tmp")
     temporary.write_text(json.dumps(validation.to_json_dict(), default=_json_default, indent=1))
     os.replace(temporary, result_path)
@@ -137,22 +147,20 @@ def _json_default(value):
 
 
 @task(name="validate-shard")
-def validate_shard(table: pa.Table, config: DatasetConfig, data_dir: str, run_id: str,
+def validate_shard(table: pa.Table, config: DatasetConfig, data: DataDir, run_id: str,
                    shard_key: str) -> ValidationOutcome:
-    root = Path(data_dir)
-    outcome = run_suite(root / "gx", root / "validation" / run_id,
-                        f"{config.name}-shard-{shard_key}", shard_expectations(config),
-                        validation_frame(table))
+    outcome = run_suite(data, f"{config.name}-shard",
+                        data.validation(run_id) / f"shard-{shard_key}.json",
+                        shard_expectations(config), validation_frame(table))
     logger.info("shard %s validation: %s %s", shard_key, "passed" if outcome.success else
                 "FAILED", outcome.failed_expectations)
     return outcome
 
 
 @task(name="validate-dataset")
-def validate_dataset(table: pa.Table, config: DatasetConfig, data_dir: str, run_id: str
+def validate_dataset(table: pa.Table, config: DatasetConfig, data: DataDir, run_id: str
                      ) -> ValidationOutcome:
-    root = Path(data_dir)
-    outcome = run_suite(root / "gx", root / "validation" / run_id, f"{config.name}-dataset",
+    outcome = run_suite(data, f"{config.name}-dataset", data.validation(run_id) / "dataset.json",
                         dataset_expectations(config), validation_frame(table))
     logger.info("dataset validation: %s %s", "passed" if outcome.success else "FAILED",
                 outcome.failed_expectations)

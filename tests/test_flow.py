@@ -6,14 +6,15 @@ import json
 from datetime import date
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import RunFailed, distill
 from tasks.config import DATASETS_DIR
+from tasks.sql import read_catalog
 
 RUN_DATE = date(2026, 1, 15)
 
@@ -33,15 +34,16 @@ def run(dataset: str, data_dir: Path, run_date: date = RUN_DATE, shard_size: int
 
 
 def sql(data_dir: Path, text: str) -> list[tuple]:
-    connection = duckdb.connect(str(data_dir / "catalog.duckdb"), read_only=True)
-    try:
-        return connection.execute(text).fetchall()
-    finally:
-        connection.close()
+    return read_catalog(data_dir / "catalog.duckdb", text)
 
 
 def shard_files(data_dir: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in (data_dir / "shards" / "demo").glob("*.parquet")}
+
+
+def partition_of(data_dir: Path, summary: dict, run_date: date = RUN_DATE) -> Path:
+    return (data_dir / "published" / "dataset=demo" / f"generation={summary['generation']}"
+            / f"run_date={run_date}" / "data.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +56,32 @@ def test_demo_publishes_rows_with_lineage_and_views(first_run):
     data_dir, summary = first_run
     assert summary["status"] == "published"
     assert summary["rows_published"] == 12 and summary["shards_ok"] == 3
-    partition = data_dir / "published" / "dataset=demo" / f"run_date={RUN_DATE}" / "data.parquet"
+    assert summary["new_prompts"] == 12
+    partition = partition_of(data_dir, summary)
     assert Path(summary["partition"]) == partition
     table = pq.read_table(partition)
-    for column in ("run_id", "flow_run_id", "teacher_model", "theta_model", "alpha_method",
-                   "alpha_min_config", "alpha_max_config", "config_hash", "code_version",
-                   "created_at", "alpha", "log_q", "log_teacher", "log_theta", "token_ids"):
+    for column in ("alpha_method", "alpha_min_config", "alpha_max_config", "alpha", "log_q",
+                   "log_teacher", "log_theta", "token_ids", "sample_round", "sampler_version",
+                   "generated_commit", "generated_dirty", "generated_at", "published_at"):
         assert column in table.column_names
-    assert set(table["run_id"].to_pylist()) == {summary["run_id"]}
-    assert table["flow_run_id"][0].as_py() != "local"
+    lineage = {c: table[c].unique().to_pylist() for c in (
+        "generation", "generated_run_id", "published_run_id", "teacher_model", "theta_model",
+        "teacher_path", "theta_path", "teacher_fingerprint", "theta_fingerprint")}
+    assert {c: v for c, v in lineage.items() if "path" not in c and "fingerprint" not in c} == {
+        "generation": [summary["generation"]], "generated_run_id": [summary["run_id"]],
+        "published_run_id": [summary["run_id"]], "teacher_model": ["tiny:teacher"],
+        "theta_model": ["tiny:theta"]}
+    assert all(Path(lineage[c][0], "config.json").exists() for c in ("teacher_path", "theta_path"))
+    fingerprints = lineage["teacher_fingerprint"] + lineage["theta_fingerprint"]
+    assert len(set(fingerprints)) == 2 and None not in fingerprints
+    settings = json.loads(pq.read_schema(partition).metadata[b"distill.generation"])
+    config = yaml.safe_load((DATASETS_DIR / "demo.yaml").read_text())
+    assert settings["prompts"]["teacher_system"] == config["prompts"]["teacher_system"]
+    assert settings["checkpoints"]["theta"]["fingerprint"] in fingerprints
+    assert sql(data_dir, "SELECT settings->>'$.sampling.seed', sampler_version FROM "
+                         "generations") == [("1234", table["sampler_version"][0].as_py())]
+    assert sql(data_dir, "SELECT config->>'$.source.limit', flow_run_id <> 'local' FROM "
+                         "runs") == [("12", True)]
     assert all(len(a) == n for a, n in zip(table["alpha"].to_pylist(),
                                            table["num_tokens"].to_pylist()))
     assert sql(data_dir, "SELECT dataset, CAST(run_date AS VARCHAR), rows FROM "
@@ -95,13 +114,16 @@ def test_demo_run_leaves_artifacts_and_histogram(first_run):
 def test_rerun_with_nothing_changed_generates_nothing_and_publishes_identical_rows(first_run):
     data_dir, summary = first_run
     partition = Path(summary["partition"])
-    before_rows = pq.read_table(partition).drop_columns(["run_id", "flow_run_id", "created_at"])
+    publisher = ["published_run_id", "published_at"]
+    before_rows = pq.read_table(partition).drop_columns(publisher)
     before_shards = shard_files(data_dir)
     again = run("demo", data_dir)
-    assert again["shards_reused"] == 3
+    assert again["shards_reused"] == 3 and again["new_prompts"] == 12
     assert shard_files(data_dir) == before_shards
-    after_rows = pq.read_table(partition).drop_columns(["run_id", "flow_run_id", "created_at"])
-    assert after_rows.equals(before_rows)
+    after = pq.read_table(partition)
+    assert after.drop_columns(publisher).equals(before_rows)
+    assert set(after["generated_run_id"].to_pylist()) == {summary["run_id"]}
+    assert set(after["published_run_id"].to_pylist()) == {again["run_id"]}
     assert sql(data_dir, "SELECT count(*) FROM published") == [(12,)]
 
 
@@ -118,26 +140,32 @@ def test_rerun_after_a_shard_is_lost_regenerates_only_that_shard(first_run):
     assert sql(data_dir, "SELECT count(*), count(DISTINCT prompt_id) FROM published") == [(12, 12)]
 
 
-def test_a_shard_that_breaks_validation_is_quarantined_and_the_others_published(tmp_path):
-    baseline = run("demo", tmp_path / "base")
-    neighbour = Path(baseline["partition"])
-    neighbour_bytes = neighbour.read_bytes()
-    victim = sorted((tmp_path / "base" / "shards" / "demo").glob("*.parquet"))[0]
+def test_a_quarantined_shard_is_not_published_and_the_next_date_generates_it(tmp_path):
+    """A rerun whose reused shard breaks validation publishes the other shards; the next
+    date takes over the quarantined prompts and leaves the earlier partition untouched."""
+    data_dir = tmp_path / "base"
+    baseline = run("demo", data_dir)
+    victim = sorted((data_dir / "shards" / "demo").glob("*.parquet"))[0]
     table = pq.read_table(victim)
     broken = table.set_column(table.column_names.index("alpha_max"), "alpha_max",
                               pa.array([1.7] * table.num_rows))
     pq.write_table(broken, victim)
     with pytest.raises(RunFailed, match="quarantined"):
-        run("demo", tmp_path / "base", run_date=date(2026, 1, 16))
-    assert (tmp_path / "base" / "quarantine" / "demo" / victim.name).exists()
+        run("demo", data_dir)
+    rerun_id = sql(data_dir, "SELECT run_id FROM runs WHERE status = 'partial'")[0][0]
+    assert (data_dir / "quarantine" / "demo" / rerun_id / victim.name).exists()
     assert not victim.exists()
-    published = sql(tmp_path / "base", "SELECT count(*) FROM published WHERE "
-                                       "run_date = DATE '2026-01-16'")
-    assert published == [(baseline["rows_published"] - table.num_rows,)]
-    failed = sql(tmp_path / "base", "SELECT failed_expectations FROM shards WHERE "
-                                    "status = 'quarantined'")
+    partition = Path(baseline["partition"])
+    assert pq.read_table(partition).num_rows == baseline["rows_published"] - table.num_rows
+    failed = sql(data_dir, "SELECT failed_expectations FROM shards WHERE status = 'quarantined'")
     assert "alpha_max" in failed[0][0]
-    assert neighbour.read_bytes() == neighbour_bytes
+    partition_bytes = partition.read_bytes()
+    next_day = run("demo", data_dir, run_date=date(2026, 1, 16))
+    assert next_day["new_prompts"] == table.num_rows
+    assert next_day["rows_published"] == table.num_rows
+    assert partition.read_bytes() == partition_bytes
+    assert sql(data_dir, "SELECT count(*), count(DISTINCT prompt_id) FROM published") == [
+        (12, 12)]
 
 
 def test_rejected_rows_carry_their_reasons(tmp_path):

@@ -7,6 +7,7 @@ Crashes are real: the flow runs in its own process, which a named crash point
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,39 +15,52 @@ import sys
 from datetime import date
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
+from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import RunFailed, distill
 from sampler.errors import ConfigError
 from tasks.config import DATASETS_DIR, REPO_ROOT
 from tasks.locking import RunLocked, run_lock
+from tasks.sql import read_catalog
+
+logger = logging.getLogger(__name__)
 
 RUN_DATE = date(2026, 2, 1)
+NEXT_DATE = date(2026, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_pair) -> str:
+    """Prefect's test server; flow processes report to it too. Yields its API URL."""
+    os.environ["DISTILL_TINY_MODELS_DIR"] = str(Path(tiny_pair[0]).parent)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
 
 
 class FlowProcess:
-    """The flow as its own OS process group (it starts its own ephemeral Prefect server)."""
+    """The flow as its own OS process group, reporting to the test's Prefect server."""
 
-    def __init__(self, data_dir: Path, tiny_pair, crash_at: str | None, lock_wait: float):
+    def __init__(self, data_dir: Path, api_url: str, crash_at: str | None = None,
+                 lock_wait: float = 0.0, dataset: str = "demo", run_date: date = RUN_DATE):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.pop("DISTILL_CRASH_AT", None)
-        env.update(DISTILL_TINY_MODELS_DIR=str(Path(tiny_pair[0]).parent), PYTHONUNBUFFERED="1")
+        env.update(PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1")
         if crash_at:
             env["DISTILL_CRASH_AT"] = crash_at
         self.log = data_dir.parent / f"{data_dir.name}-{os.urandom(4).hex()}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "flows.distill", "--dataset", "demo", "--run-date",
-                   RUN_DATE.isoformat(), "--shard-size", "4", "--data-dir", str(data_dir),
+        command = [sys.executable, "-m", "flows.distill", "--dataset", dataset, "--run-date",
+                   run_date.isoformat(), "--shard-size", "4", "--data-dir", str(data_dir),
                    "--lock-wait-seconds", str(lock_wait)]
         with self.log.open("w") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def finish(self, timeout: float = 600) -> tuple[int, str]:
-        """Wait for the flow process, then end whatever it left running (its server)."""
+        """Wait for the flow process, then end whatever it left running."""
         try:
             code = self.process.wait(timeout=timeout)
         finally:
@@ -57,81 +71,95 @@ class FlowProcess:
         return code, self.log.read_text()
 
 
-def flow_process(data_dir: Path, tiny_pair, crash_at: str | None = None,
-                 lock_wait: float = 0.0) -> tuple[int, str]:
-    return FlowProcess(data_dir, tiny_pair, crash_at, lock_wait).finish()
+def flow_process(data_dir: Path, api_url: str, **options) -> tuple[int, str]:
+    return FlowProcess(data_dir, api_url, **options).finish()
 
 
-def partition(data_dir: Path) -> Path:
-    return data_dir / "published" / "dataset=demo" / f"run_date={RUN_DATE}" / "data.parquet"
+def in_process(data_dir: Path, run_date: date = RUN_DATE) -> dict:
+    """A run that is not the one crashing, in the test's process (no start-up cost)."""
+    return distill(dataset="demo", run_date=run_date, shard_size=4, data_dir=str(data_dir))
+
+
+def catalog(data_dir: Path, text: str) -> list[tuple]:
+    return read_catalog(data_dir / "catalog.duckdb", text)
 
 
 def visible_parquet(data_dir: Path) -> list[Path]:
     """What a reader globbing the published folder (as the SQL view does) would open."""
-    return sorted((data_dir / "published").glob("*/*/*.parquet"))
+    return sorted((data_dir / "published").glob("*/*/*/*.parquet"))
 
 
-def assert_each_prompt_once(data_dir: Path, expected: int = 12) -> None:
-    table = pq.read_table(partition(data_dir))
+def partition(data_dir: Path, dataset: str = "demo", run_date: date = RUN_DATE) -> Path:
+    """The one partition of this dataset and date (these tests make one generation)."""
+    found = [p for p in visible_parquet(data_dir)
+             if p.parts[-4] == f"dataset={dataset}" and p.parts[-2] == f"run_date={run_date}"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def assert_each_prompt_once(data_dir: Path, expected: int = 12,
+                            run_date: date = RUN_DATE) -> None:
+    table = pq.read_table(partition(data_dir, run_date=run_date))
     keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))
     assert len(keys) == expected and len(set(keys)) == expected
 
 
-def test_crash_while_writing_a_shard_loses_and_duplicates_nothing(tmp_path, tiny_pair):
-    code, output = flow_process(tmp_path, tiny_pair, crash_at="shard-write:2")
+def test_a_date_killed_while_writing_a_shard_leaves_its_prompts_to_the_next(harness, tmp_path):
+    """SIGKILL after the 1st of 3 shard files: the next date takes over the dead run's
+    prompts (reusing its finished shard), marks it crashed, and its rerun finds nothing left."""
+    code, output = flow_process(tmp_path, harness, crash_at="shard-write:2")
     assert code == -9, output[-2000:]
     finished = list((tmp_path / "shards" / "demo").glob("*.parquet"))
     leftovers = list((tmp_path / "shards" / "demo").glob(".*.tmp"))
     assert len(finished) == 1 and len(leftovers) == 1
     assert visible_parquet(tmp_path) == []
-    code, output = flow_process(tmp_path, tiny_pair)
-    assert code == 0, output[-3000:]
-    assert_each_prompt_once(tmp_path)
+    assert in_process(tmp_path, NEXT_DATE)["rows_published"] == 12
+    assert_each_prompt_once(tmp_path, run_date=NEXT_DATE)
     assert list((tmp_path / "shards" / "demo").glob(".*.tmp")) == []
-    connection = duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True)
-    statuses = connection.execute("SELECT status FROM runs ORDER BY started_at").fetchall()
-    reused = connection.execute("SELECT count(*) FROM shards WHERE status = 'reused'").fetchone()
-    views = connection.execute("SELECT count(*), count(DISTINCT prompt_id) FROM published"
-                               ).fetchone()
-    connection.close()
-    assert statuses == [("crashed",), ("published",)]
-    assert reused == (1,)
-    assert views == (12, 12)
+    assert catalog(tmp_path, f"SELECT status FROM runs WHERE run_date = DATE '{RUN_DATE}'"
+                   ) == [("crashed",)]
+    assert in_process(tmp_path)["status"] == "up_to_date"
+    runs = catalog(tmp_path, "SELECT run_id, CAST(run_date AS VARCHAR), status, rows_published "
+                             "FROM runs ORDER BY started_at")
+    shards = catalog(tmp_path, "SELECT status, count(*) FROM shards GROUP BY ALL ORDER BY 1")
+    logger.info("runs (id, date, status, rows): %s; shards: %s", runs, shards)
+    assert [r[1:] for r in runs] == [(str(RUN_DATE), "crashed", None),
+                                     (str(NEXT_DATE), "published", 12),
+                                     (str(RUN_DATE), "up_to_date", 0)]
+    assert shards == [("generated", 2), ("reused", 1)]
+    assert catalog(tmp_path, "SELECT generated_run_id, count(*) FROM published GROUP BY ALL "
+                             "ORDER BY 2") == [(runs[0][0], 4), (runs[1][0], 8)]
+    assert catalog(tmp_path, "SELECT count(*), count(DISTINCT prompt_id) FROM published"
+                   ) == [(12, 12)]
 
 
-def test_crash_while_publishing_leaves_the_old_partition_whole(tmp_path, tiny_pair):
-    code, output = flow_process(tmp_path, tiny_pair)
-    assert code == 0, output[-3000:]
+def test_crash_while_publishing_leaves_the_old_partition_whole(harness, tmp_path):
+    in_process(tmp_path)
     old = partition(tmp_path).read_bytes()
-    old_run = set(pq.read_table(partition(tmp_path))["run_id"].to_pylist())
-    code, output = flow_process(tmp_path, tiny_pair, crash_at="publish")
+    old_run = set(pq.read_table(partition(tmp_path))["published_run_id"].to_pylist())
+    code, output = flow_process(tmp_path, harness, crash_at="publish")
     assert code == -9, output[-2000:]
     assert partition(tmp_path).read_bytes() == old
     assert visible_parquet(tmp_path) == [partition(tmp_path)]
-    connection = duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True)
-    seen = connection.execute("SELECT DISTINCT run_id FROM published").fetchall()
-    connection.close()
+    seen = catalog(tmp_path, "SELECT DISTINCT published_run_id FROM published")
     assert {run for (run,) in seen} == old_run
-    code, output = flow_process(tmp_path, tiny_pair)
-    assert code == 0, output[-3000:]
-    new_runs = set(pq.read_table(partition(tmp_path))["run_id"].to_pylist())
+    in_process(tmp_path)
+    new_runs = set(pq.read_table(partition(tmp_path))["published_run_id"].to_pylist())
     assert len(new_runs) == 1 and new_runs != old_run
     assert_each_prompt_once(tmp_path)
     assert not list(partition(tmp_path).parent.glob(".*.tmp"))
 
 
-def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(tmp_path, tiny_pair):
+def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(harness, tmp_path):
     with run_lock(tmp_path, "demo", RUN_DATE):
-        code, output = flow_process(tmp_path, tiny_pair)
-        assert code != 0
-        assert "another run of demo for 2026-02-01 is in progress" in output
-        waiting = FlowProcess(tmp_path, tiny_pair, None, lock_wait=300)
+        with pytest.raises(RunLocked, match="another run of demo for 2026-02-01 is in progress"):
+            in_process(tmp_path)
+        waiting = FlowProcess(tmp_path, harness, lock_wait=300)
         with pytest.raises(subprocess.TimeoutExpired):
             waiting.process.wait(timeout=20)
     code, output = waiting.finish()
     assert code == 0, output[-3000:]
-    code, output = flow_process(tmp_path, tiny_pair)
-    assert code == 0, output[-3000:]
+    assert in_process(tmp_path)["shards_reused"] == 3
     assert_each_prompt_once(tmp_path)
     with pytest.raises(RunLocked):
         with run_lock(tmp_path, "demo", RUN_DATE):
@@ -139,11 +167,44 @@ def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(tmp_path,
                 pass
 
 
-@pytest.fixture(scope="module")
-def harness(tiny_pair):
-    os.environ["DISTILL_TINY_MODELS_DIR"] = str(Path(tiny_pair[0]).parent)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tmp_path):
+    """Two runs of different dates at once share shards/, GX and the catalog. An earlier date
+    introduced 8 prompts and 4 are added; then both dates run together: each draws its fresh
+    samples (samples_per_run: 1) and only one of them may take the 4 new prompts' first
+    samples."""
+    for limit, per_run, folder in ((8, 0, "before"), (12, 1, "after")):
+        (tmp_path / folder).mkdir()
+        write_config(tmp_path / folder, "nightly", **{
+            "limit: 12": f"limit: {limit}", "max_tokens: 48": "max_tokens: 16",
+            "samples_per_prompt: 1": f"samples_per_prompt: 1\n  samples_per_run: {per_run}"})
+    data_dir, days = tmp_path / "data", ["2026-03-01", "2026-03-02", "2026-03-03"]
+    distill(dataset=str(tmp_path / "before" / "nightly.yaml"), run_date=date.fromisoformat(days[0]),
+            shard_size=4, data_dir=str(data_dir))
+    runs = [FlowProcess(data_dir, harness, dataset=str(tmp_path / "after" / "nightly.yaml"),
+                        run_date=date.fromisoformat(day)) for day in days[1:]]
+    for code, output in [run.finish() for run in runs]:
+        assert code == 0, output[-3000:]
+    (overlap,), = catalog(data_dir, "SELECT epoch(min(finished_at) - max(started_at)) FROM runs "
+                                    f"WHERE run_date > DATE '{days[0]}'")
+    first = catalog(data_dir, "SELECT CAST(run_date AS VARCHAR), count(*), count(DISTINCT "
+                              "prompt_id) FROM published WHERE sample_round = 'first' "
+                              "GROUP BY ALL ORDER BY 1")
+    rounds = catalog(data_dir, "SELECT sample_round, CAST(run_date AS VARCHAR), count(*) FROM "
+                               "published WHERE sample_round <> 'first' GROUP BY ALL ORDER BY 1")
+    logger.info("the runs overlapped %.1f s; first samples (date, rows, prompts) %s; "
+                "fresh samples (round, date, rows) %s", overlap, first, rounds)
+    assert overlap > 0, "the two runs did not overlap in time"
+    assert len(first) == 2 and first[0] == (days[0], 8, 8) and first[1][1:] == (4, 4)
+    taker = first[1][0]
+    assert taker in days[1:]
+    assert rounds == [(days[1], days[1], 12 if taker == days[1] else 8), (days[2], days[2], 12)]
+    (rows, samples), = catalog(data_dir, "SELECT count(*), count(DISTINCT (prompt_id, "
+                                         "sample_round, sample_index)) FROM published")
+    assert rows == samples == 12 + sum(r[2] for r in rounds)
+    assert catalog(data_dir, "SELECT DISTINCT status FROM shards") == [("generated",)]
+    validations = catalog(data_dir, "SELECT success, result_path FROM validations")
+    assert len(validations) >= 6 and all(success for success, _ in validations)
+    assert all(json.loads(Path(path).read_text())["success"] for _, path in validations)
 
 
 def write_config(tmp_path: Path, name: str, **replacements: str) -> Path:
@@ -181,10 +242,8 @@ def test_ten_kinds_of_bad_rows_are_rejected_by_row_and_the_good_rows_published(
     summary = distill(dataset=str(config), run_date=RUN_DATE, shard_size=4,
                       data_dir=str(tmp_path / "data"))
     assert summary["rows_published"] == 2
-    connection = duckdb.connect(str(tmp_path / "data" / "catalog.duckdb"), read_only=True)
-    reasons = connection.execute("SELECT stage, coalesce(CAST(source_row AS VARCHAR), prompt_id),"
-                                 " reason FROM rejected_rows").fetchall()
-    connection.close()
+    reasons = catalog(tmp_path / "data", "SELECT stage, coalesce(CAST(source_row AS VARCHAR), "
+                                         "prompt_id), reason FROM rejected_rows")
     by_row = {row: (stage, reason) for stage, row, reason in reasons}
     expected = {"2": "field 'question' is empty", "3": "field 'question' is missing",
                 "4": "field 'question' is missing", "5": "max_prompt_chars",
@@ -234,13 +293,13 @@ def test_all_or_nothing_gate_keeps_the_partition_unpublished(harness, tmp_path):
                           **{"min_rows: 1": "min_rows: 1\n  all_or_nothing: true"})
     data_dir = tmp_path / "data"
     first = distill(dataset=str(config), run_date=RUN_DATE, shard_size=4, data_dir=str(data_dir))
+    published = partition(data_dir, "gated").read_bytes()
     victim = sorted((data_dir / "shards" / "gated").glob("*.parquet"))[0]
     table = pq.read_table(victim)
     column = table.column_names.index("alpha_min")
     pq.write_table(table.set_column(column, "alpha_min", [[0.1] * table.num_rows]), victim)
     with pytest.raises(RunFailed, match=r"alpha_min") as failure:
-        distill(dataset=str(config), run_date=date(2026, 2, 2), shard_size=4,
-                data_dir=str(data_dir))
+        distill(dataset=str(config), run_date=RUN_DATE, shard_size=4, data_dir=str(data_dir))
     assert "nothing published" in str(failure.value)
     assert first["rows_published"] == 12
-    assert not (data_dir / "published" / "dataset=gated" / "run_date=2026-02-02").exists()
+    assert partition(data_dir, "gated").read_bytes() == published

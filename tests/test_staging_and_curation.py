@@ -69,6 +69,7 @@ def test_validation_frame_flags_bad_arrays_row_by_row():
     good = [-0.1, -2.0]
     table = pa.table({
         "prompt_id": ["a", "b", "c", "d", "e"], "sample_index": [0, 0, 0, 0, 0],
+        "sample_round": ["first"] * 4 + ["2026-01-02"],
         "completion": ["x", "x", "x", "x", ""], "finish_reason": ["stop"] * 4 + ["length"],
         "num_tokens": [2, 2, 2, 2, 0],
         "token_ids": [[1, 2]] * 4 + [[]],
@@ -80,5 +81,6 @@ def test_validation_frame_flags_bad_arrays_row_by_row():
     frame = validation_frame(table)
     assert frame["arrays_match_num_tokens"].tolist() == [True, True, False, True, True]
     assert frame["logprobs_finite_and_nonpositive"].tolist() == [True, False, True, False, True]
-    assert frame["row_key"].tolist() == ["a#0", "b#0", "c#0", "d#0", "e#0"]
+    assert frame["row_key"].tolist() == ["a#first#0", "b#first#0", "c#first#0", "d#first#0",
+                                         "e#2026-01-02#0"]
     assert "alpha" not in frame.columns and "token_ids" not in frame.columns

@@ -1,0 +1,66 @@
+"""Where everything lives under a data directory, in one place so that every step agrees.
+
+    catalog.duckdb                                   the warehouse (tables and views)
+    shards/<dataset>/<key>.parquet                   generated shards, reused by key
+    published/dataset=<d>/generation=<g>/run_date=<date>/data.parquet
+    quarantine/<dataset>/<run id>/<key>.parquet      shards that failed validation
+    gx/, validation/<run id>/, reports/<run id>/     GX context, results, run reports
+    locks/                                           run locks and shared-resource locks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    @property
+    def gx(self) -> Path:
+        return self.root / "gx"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    def shard(self, dataset: str, key: str) -> Path:
+        return self.shards / dataset / f"{key}.parquet"
+
+    def quarantined(self, dataset: str, run_id: str, name: str) -> Path:
+        return self.root / "quarantine" / dataset / run_id / name
+
+    def validation(self, run_id: str) -> Path:
+        return self.root / "validation" / run_id
+
+    def reports(self, run_id: str) -> Path:
+        return self.root / "reports" / run_id
+
+    def partition(self, dataset: str, generation: str, run_date: date) -> Path:
+        return (self.published / f"dataset={dataset}" / f"generation={generation}"
+                / f"run_date={run_date.isoformat()}" / "data.parquet")
+
+    def partitions(self, dataset: str, generation: str) -> dict[date, Path]:
+        """The published partition files of one dataset and generation, by run date."""
+        folder = self.published / f"dataset={dataset}" / f"generation={generation}"
+        return {date.fromisoformat(path.parent.name.removeprefix("run_date=")): path
+                for path in folder.glob("run_date=*/data.parquet")}
+
+    def published_glob(self) -> str:
+        """Every published partition file, as the catalog's `published` view reads them."""
+        return str(self.published.resolve() / "*" / "*" / "*" / "*.parquet")
