@@ -1,28 +1,92 @@
 """The README's first command: run the demo dataset end to end, then query the result with SQL.
 
-No Prefect server is needed (ephemeral mode); tiny local models are built on first use.
+No Prefect server is needed (ephemeral mode). The screen shows what the demo did and the
+SQL answer; everything else (Prefect's temporary server, vLLM, Great Expectations' progress
+bars) goes to a log file whose path the demo prints, so nothing that is not the user's to act
+on fills the first screen.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, TextIO
 
-import duckdb
-
-from flows.distill import RunFailed, distill
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 logger = logging.getLogger("demo")
 
 QUERY = "SELECT * FROM rows_per_dataset_date"
 
 
+@contextmanager
+def output_to_log_file(path: Path) -> Iterator[TextIO]:
+    """Send this process's stderr (file descriptor 2, so child processes' too) to `path`;
+    yield a stream to the terminal for what the user should see."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    terminal = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    saved_stderr = os.dup(2)
+    with path.open("a") as log_file:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(terminal.fileno(), 1)
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from flows.distill import DEFAULT_DATA_DIR
+
+    log_path = Path(DEFAULT_DATA_DIR) / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}.log"
+    with output_to_log_file(log_path) as terminal:
+        console = logging.StreamHandler(terminal)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+        logger.propagate = False
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logger.info("Running the demo dataset: 12 GSM8K problems, the tiny trained model pair, "
+                    "Prefect in ephemeral mode (about a minute on 2 cores).")
+        logger.info("Full log: %s", log_path)
+        return run_demo(terminal)
+
+
+def example_row(partition: str | None) -> str:
+    """One published sample: what the student was asked and the mixture's answer."""
+    import pyarrow.parquet as pq
+
+    if not partition:
+        return "(nothing published)\n"
+    row = pq.read_table(partition, columns=["theta_prompt", "completion"]).slice(0, 1).to_pylist()
+    if not row:
+        return "(the partition is empty)\n"
+    return (f"One sample. The student saw:\n  {row[0]['theta_prompt'][:300]}\n"
+            f"The mixture wrote:\n  {row[0]['completion'][:400]}\n")
+
+
+def run_demo(terminal: TextIO) -> int:
+    import duckdb
+
+    from flows.distill import RunFailed, distill
+
     try:
         summary = distill(dataset="demo", shard_size=4)
     except RunFailed as error:
-        logger.error("the demo run failed: %s", error)
+        logger.error("The demo run failed: %s", error)
+        return 1
+    except Exception as error:  # noqa: BLE001 - the user gets one line; the log has the rest
+        logger.error("The demo run failed: %s: %s", type(error).__name__, error)
         return 1
     catalog = summary["catalog"]
     connection = duckdb.connect(catalog, read_only=True)
@@ -30,11 +94,13 @@ def main() -> int:
         result = connection.execute(QUERY).fetchdf()
     finally:
         connection.close()
-    print(f"\nPublished {summary['rows_published']} rows to {summary['partition']}")
-    print(f"Catalog: {catalog}   (views: published, rows_per_dataset_date, alpha_by_dataset, "
-          "rejected_rows, latest_runs)")
-    print(f"Validation Data Docs: {summary['docs']}")
-    print(f"\n{QUERY};\n{result.to_string(index=False)}")
+    terminal.write(f"\n{example_row(summary['partition'])}")
+    terminal.write(
+        f"\nPublished {summary['rows_published']} rows to {summary['partition']}\n"
+        f"Catalog: {catalog}   (views: published, rows_per_dataset_date, alpha_by_dataset, "
+        "rejected_rows, latest_runs)\n"
+        f"Validation Data Docs: {summary['docs']}\n"
+        f"\n{QUERY};\n{result.to_string(index=False)}\n")
     return 0
 
 

@@ -3,11 +3,13 @@
 A library on its own (no Prefect, no DuckDB): see `OptimalSamplingV1`.
 """
 
-from sampler.errors import ConfigError, IncompatibleModelsError, LockstepError, SamplerError
+from sampler.errors import (BrokenPairError, ConfigError, IncompatibleModelsError,
+                            LockstepError, MixingError, SamplerError)
 from sampler.mixing import ALPHA_METHODS, MixingConfig
 
 __all__ = [
-    "ALPHA_METHODS", "ConfigError", "IncompatibleModelsError", "LockstepError", "MixingConfig",
+    "ALPHA_METHODS", "BrokenPairError", "ConfigError", "IncompatibleModelsError", "LockstepError",
+    "MixingConfig", "MixingError",
     "OptimalSamplingOutput", "OptimalSamplingV1", "SamplerError", "save_alpha_history",
 ]
 

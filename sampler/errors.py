@@ -15,3 +15,13 @@ class IncompatibleModelsError(SamplerError, ValueError):
 
 class LockstepError(SamplerError, RuntimeError):
     """The two engines disagreed about what to compute in a step; never papered over."""
+
+
+class MixingError(SamplerError, RuntimeError):
+    """A row's two distributions cannot be mixed (no token both models allow, or a NaN
+    logit): the message names the row; no α is made up for it."""
+
+
+class BrokenPairError(SamplerError, RuntimeError):
+    """An engine pair whose earlier call failed mid-step: its engines may hold a
+    half-finished step, so it refuses work; build a new pair."""

@@ -12,9 +12,15 @@ small kernel per pass merges a row's chunk partials (two-stage reduction).
   the merge kernel applies the Newton/bisection update in place. A fixed launch schedule
   (`NEWTON_STEPS` Newton passes, then bisection passes enough to shrink any bracket below the
   tolerance) replaces the host's convergence checks; finished rows skip their passes;
-- `draw`: y = argmax(log q + Gumbel noise) with counter-based random numbers (seed, row rank,
-  token), so a row's draw does not depend on the engine's row order or on the chunking, and
-  the recorded log q(y), log t(y), log θ(y).
+- `draw`: y = argmax(log q − log E), E ~ Exp(1) per token (the exponential race, i.e.
+  Gumbel-max) from counter-based random numbers (seed, row rank, token), so a row's draw does
+  not depend on the engine's row order or on the chunking, and the recorded log q(y),
+  log t(y), log θ(y). `sampler.mixing` states the exactness of this draw.
+
+Every sum runs over the tokens both models allow (a −inf logit in either model gives q = 0),
+and every running maximum is guarded, so a block far below the row's maximum (low
+temperature) or wholly outside the support adds zero weight instead of 0/0. A row that has no
+common support or a NaN logit ends with α or log q(y) NaN, which the lockstep reports.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ BLOCK = 1024
 NEWTON_STEPS = 8
 #: Values stored per (entry, chunk) by the moments pass.
 MOMENT_FIELDS = 5
+#: Largest float32 below 1: caps the uniform behind the exponential noise (E ≤ 16.6).
+BELOW_ONE = tl.constexpr(1.0 - 2.0**-24)
+#: Below this, −log(1 − u) is computed by its series (1 − u would round to 1 in float32).
+SERIES_BELOW = tl.constexpr(1e-4)
+#: 2⁻³¹ and 2⁻³²: `tl.rand` gives multiples of 2⁻³¹; a second draw fills the bits below.
+TWO_TO_MINUS_31 = tl.constexpr(2.0**-31)
+TWO_TO_MINUS_32 = tl.constexpr(2.0**-32)
+
+
+@triton.jit
+def _guarded(maximum):
+    """A running maximum usable as a shift: 0 while no finite value has been seen."""
+    return tl.where(maximum == float("-inf"), 0.0, maximum)
 
 
 @triton.jit
@@ -54,8 +73,9 @@ def _normaliser_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_t
                      other=float("-inf")).to(tl.float32) * inv_temperature
         new_t = tl.maximum(max_t, tl.max(zt, 0))
         new_s = tl.maximum(max_s, tl.max(zs, 0))
-        sum_t = sum_t * tl.exp(max_t - new_t) + tl.sum(tl.exp(zt - new_t), 0)
-        sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(zs - new_s), 0)
+        shift_t, shift_s = _guarded(new_t), _guarded(new_s)
+        sum_t = sum_t * tl.exp(max_t - shift_t) + tl.sum(tl.exp(zt - shift_t), 0)
+        sum_s = sum_s * tl.exp(max_s - shift_s) + tl.sum(tl.exp(zs - shift_s), 0)
         max_t, max_s = new_t, new_s
     base = partials + (row * chunks + chunk) * 4
     tl.store(base + 0, max_t)
@@ -66,7 +86,7 @@ def _normaliser_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_t
 
 @triton.jit
 def _merge_logsumexp(maxima, sums):
-    top = tl.max(maxima, 0)
+    top = _guarded(tl.max(maxima, 0))
     return top + tl.log(tl.sum(sums * tl.exp(maxima - top), 0))
 
 
@@ -86,13 +106,15 @@ def _normaliser_merge_kernel(partials, chunks, out_t, out_s, CHUNKS_P2: tl.const
 
 @triton.jit
 def _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols, mask, inv_temperature,
-                        a_t, a_s):
-    """log t and log θ of one block of a row (0 where masked)."""
+                        norm_teacher, norm_theta):
+    """log t and log θ of one block of a row, and where both are finite (the common
+    support, within the vocabulary); log t and log θ are 0 outside it."""
     lt = tl.load(teacher + row * stride_t + cols, mask=mask,
-                 other=0.0).to(tl.float32) * inv_temperature - a_t
+                 other=0.0).to(tl.float32) * inv_temperature - norm_teacher
     ls = tl.load(theta + row * stride_s + cols, mask=mask,
-                 other=0.0).to(tl.float32) * inv_temperature - a_s
-    return lt, ls
+                 other=0.0).to(tl.float32) * inv_temperature - norm_theta
+    inside = mask & (lt > float("-inf")) & (ls > float("-inf"))
+    return tl.where(inside, lt, 0.0), tl.where(inside, ls, 0.0), inside
 
 
 @triton.jit
@@ -114,8 +136,8 @@ def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv
         s = 2.0 * (entry // point_count) - alpha
     else:
         s = alpha
-    a_t = tl.load(norm_t + row)
-    a_s = tl.load(norm_s + row)
+    norm_teacher = tl.load(norm_t + row)
+    norm_theta = tl.load(norm_s + row)
     running_max = tl.full([], float("-inf"), tl.float32)
     weight = tl.zeros([], tl.float32)
     mean = tl.zeros([], tl.float32)
@@ -124,25 +146,27 @@ def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv
     for start in range(chunk * CHUNK_SIZE, tl.minimum((chunk + 1) * CHUNK_SIZE, vocab),
                        BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < vocab
-        lt, ls = _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols, mask,
-                                     inv_temperature, a_t, a_s)
+        lt, ls, inside = _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols,
+                                             cols < vocab, inv_temperature, norm_teacher,
+                                             norm_theta)
         f = lt - ls
-        x = tl.where(mask, ls + s * f, float("-inf"))
+        x = tl.where(inside, ls + s * f, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, 0))
-        scale = tl.exp(running_max - new_max)
-        w = tl.exp(x - new_max)
+        shift = _guarded(new_max)
+        scale = tl.exp(running_max - shift)
+        w = tl.exp(x - shift)
         block_weight = tl.sum(w, 0)
-        block_mean = tl.sum(w * f, 0) / block_weight
+        block_mean = tl.sum(w * f, 0) / tl.maximum(block_weight, 1e-30)
         block_m2 = tl.sum(w * (f - block_mean) * (f - block_mean), 0)
         weight = weight * scale
         m2 = m2 * scale
         magnitude = magnitude * scale + tl.sum(
-            w * tl.where(mask, tl.abs(lt) + tl.abs(ls) + tl.abs(x), 0.0), 0)
+            w * tl.where(inside, tl.abs(lt) + tl.abs(ls) + tl.abs(x), 0.0), 0)
         total = weight + block_weight
+        share = block_weight / tl.maximum(total, 1e-30)
         delta = block_mean - mean
-        mean = mean + delta * block_weight / total
-        m2 = m2 + block_m2 + delta * delta * weight * block_weight / total
+        mean = mean + delta * share
+        m2 = m2 + block_m2 + delta * delta * weight * share
         weight = total
         running_max = new_max
     base = partials + (entry * chunks + chunk) * 5
@@ -164,7 +188,7 @@ def _merged_moments(partials, entry, chunks, CHUNKS_P2: tl.constexpr):
     means = tl.load(base + 2, mask=mask, other=0.0)
     m2s = tl.load(base + 3, mask=mask, other=0.0)
     magnitudes = tl.load(base + 4, mask=mask, other=0.0)
-    top = tl.max(maxima, 0)
+    top = _guarded(tl.max(maxima, 0))
     scale = tl.where(mask, tl.exp(maxima - top), 0.0)
     scaled = weights * scale
     total = tl.sum(scaled, 0)
@@ -196,15 +220,17 @@ def _bracket_start_kernel(partials, rows, chunks, lower, upper, slack, alpha, lo
     row = tl.program_id(0)
     gap_low, _, noise_low = _gap(partials, row, 2 * rows, chunks, slack, ESS, CHUNKS_P2)
     gap_high, _, noise_high = _gap(partials, rows + row, 2 * rows, chunks, slack, ESS, CHUNKS_P2)
+    unsolvable = (gap_low != gap_low) | (gap_high != gap_high) | (tl.abs(gap_low) == float("inf")) \
+        | (tl.abs(gap_high) == float("inf"))
     at_low = gap_low >= -noise_low
     at_high = (gap_high <= noise_high) & (gap_low < -noise_low)
     span = tl.maximum(gap_high - gap_low, 1.1754943508222875e-38)
     start = tl.minimum(tl.maximum(lower - gap_low * (upper - lower) / span, lower), upper)
     start = tl.where(at_low, lower, tl.where(at_high, upper, start))
-    tl.store(alpha + row, start)
+    tl.store(alpha + row, tl.where(unsolvable, float("nan"), start))
     tl.store(low + row, lower)
     tl.store(high + row, upper)
-    tl.store(done + row, (at_low | at_high).to(tl.int32))
+    tl.store(done + row, (at_low | at_high | unsolvable).to(tl.int32))
 
 
 @triton.jit
@@ -223,12 +249,24 @@ def _newton_update_kernel(partials, rows, chunks, tolerance, slack, alpha, low, 
     if not BISECT:
         proposal = tl.where((newton > low_now) & (newton < high_now), newton, proposal)
     in_noise = tl.abs(value) <= noise
+    unsolvable = value != value
     converged = (tl.abs(proposal - current) <= tolerance) | (high_now - low_now <= tolerance) \
-        | in_noise
-    tl.store(alpha + row, tl.where(in_noise, current, proposal))
+        | in_noise | unsolvable
+    tl.store(alpha + row, tl.where(unsolvable, float("nan"),
+                                   tl.where(in_noise, current, proposal)))
     tl.store(low + row, low_now)
     tl.store(high + row, high_now)
     tl.store(done + row, converged.to(tl.int32))
+
+
+@triton.jit
+def _exponential_noise(seed, offsets):
+    """E ~ Exp(1) per offset, as −log(1 − u) with u from 62 random bits: resolved to 2⁻⁶²
+    near 0 (where E decides which unlikely token wins), u capped below 1 (E ≤ 16.6)."""
+    high, low, _, _ = tl.rand4x(seed, offsets)
+    u = tl.minimum(high + (low + TWO_TO_MINUS_32) * TWO_TO_MINUS_31, BELOW_ONE)
+    series = u * (1.0 + u * (0.5 + u * (1.0 / 3.0)))
+    return tl.where(u < SERIES_BELOW, series, -tl.log(1.0 - u))
 
 
 @triton.jit
@@ -238,8 +276,8 @@ def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_tempera
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    a_t = tl.load(norm_t + row)
-    a_s = tl.load(norm_s + row)
+    norm_teacher = tl.load(norm_t + row)
+    norm_theta = tl.load(norm_s + row)
     a = tl.load(alpha + row)
     rank = tl.load(ranks + row)
     best_score = tl.full([], float("-inf"), tl.float32)
@@ -249,20 +287,19 @@ def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_tempera
     for start in range(chunk * CHUNK_SIZE, tl.minimum((chunk + 1) * CHUNK_SIZE, vocab),
                        BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < vocab
-        lt, ls = _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols, mask,
-                                     inv_temperature, a_t, a_s)
-        x = tl.where(mask, (1.0 - a) * ls + a * lt, float("-inf"))
-        uniform = tl.rand(seed, rank * vocab + cols)
-        uniform = tl.minimum(tl.maximum(uniform, 1e-12), 1.0 - 1e-7)
-        score = x - tl.log(-tl.log(uniform))
+        lt, ls, inside = _tempered_log_probs(teacher, theta, stride_t, stride_s, row, cols,
+                                             cols < vocab, inv_temperature, norm_teacher,
+                                             norm_theta)
+        x = tl.where(inside, (1.0 - a) * ls + a * lt, float("-inf"))
+        score = x - tl.log(_exponential_noise(seed, rank * vocab + cols))
         block_best = tl.max(score, 0)
         block_token = tl.argmax(score, 0).to(tl.int32) + start
         better = block_best > best_score
         best_token = tl.where(better, block_token, best_token)
         best_score = tl.where(better, block_best, best_score)
         new_max = tl.maximum(running_max, tl.max(x, 0))
-        total = total * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+        shift = _guarded(new_max)
+        total = total * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
         running_max = new_max
     entry = row * chunks + chunk
     tl.store(scores + entry, best_score)

@@ -22,8 +22,11 @@ The halves are ordered to keep the device busy:
   rest of step n.
 
 Each engine keeps its own KV cache and is never re-run over a prefix. Any disagreement raises
-`LockstepError` with the details; there is no fallback. After one, build a new pair: the
-engines may hold a half-finished step.
+`LockstepError` with the details; there is no fallback. A row the mixing cannot serve (its
+α or log q(y) is not finite) raises `MixingError` naming the row, at the retire half that
+first sees it. A call that fails for any reason leaves the pair refusing further calls
+(`BrokenPairError`, naming the first failure): the engines may hold a half-finished step,
+which vLLM would refuse anyway with a message that hides the cause. Build a new pair.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.errors import IncompatibleModelsError, LockstepError
+from sampler.errors import BrokenPairError, IncompatibleModelsError, LockstepError, MixingError
 from sampler.mixing import MixingConfig, mix_and_draw
 from sampler.vllm_internals import SteppedEngine, StepResult, build_llm
 
@@ -141,6 +144,17 @@ class _Step:
     values: _HostCopy | None = None
 
 
+def _check_mixable(step: int, pair_indices: np.ndarray, values: np.ndarray) -> None:
+    """Raise `MixingError` naming the rows whose α or log q(y) is not finite."""
+    bad = ~np.isfinite(values[:, TRACE_COLUMNS.index("alpha")]) | \
+        ~np.isfinite(values[:, TRACE_COLUMNS.index("log_q")])
+    if bad.any():
+        rows = sorted(int(index) for index in pair_indices[bad])
+        raise MixingError(
+            f"row {rows[0]} (of rows {rows}) cannot be mixed at step {step}: teacher and theta "
+            "give no token a non-zero probability together, or a logit is NaN")
+
+
 def step_seed(seed: int, step: int) -> int:
     """A distinct 31-bit seed for each step of a call (Triton's RNG takes 32-bit seeds)."""
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**31 - 1)
@@ -177,6 +191,7 @@ class LockstepPair:
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
         self._cached_alignment: tuple | None = None
+        self.failure: BaseException | None = None
 
     @classmethod
     def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
@@ -238,6 +253,10 @@ class LockstepPair:
 
         `stop_token_ids` replaces the pair's stop tokens for this call ([] ignores EOS).
         """
+        if self.failure is not None:
+            raise BrokenPairError(
+                f"this engine pair failed in an earlier call ({type(self.failure).__name__}: "
+                f"{self.failure}) and may hold a half-finished step; build a new pair")
         run = _Run(queue=deque(requests),
                    stop_token_ids=self.stop_token_ids if stop_token_ids is None
                    else stop_token_ids,
@@ -261,7 +280,8 @@ class LockstepPair:
                 if step is None and in_flight is None:
                     break
                 in_flight = step
-        except BaseException:
+        except BaseException as error:
+            self.failure = error
             self._abort(list(run.active))
             raise
         finally:
@@ -323,6 +343,7 @@ class LockstepPair:
                 drawn = dict(zip(step.rows, values[:, 0].astype(np.int64).tolist()))
                 appended = np.fromiter((row in teacher_result.new_token_ids for row in step.rows),
                                        dtype=bool, count=len(step.rows))
+                _check_mixable(step.number, step.pair_indices[appended], values[appended])
                 run.log.add(step.pair_indices[appended], values[appended])
             self._check_updates(step.number, drawn, teacher_result, theta_result, run.active)
             run.progress.update(len(teacher_result.finish_reasons))
@@ -449,6 +470,11 @@ class LockstepPair:
                                 f"{teacher_result.finish_reasons}, theta "
                                 f"{theta_result.finish_reasons}")
         self.tokens_checked += len(appended)
+
+    def shutdown(self) -> None:
+        """Free both engines (vLLM's distributed state goes with them)."""
+        for engine in (self.theta, self.teacher):
+            engine.shutdown()
 
     def _abort(self, request_ids: list[str]) -> None:
         """Best effort after a failure: abort this call's pairs in both engines."""

@@ -4,15 +4,30 @@ One row is one sequence at one decode step. Per row, in this order:
 
 1. temperature: both models' logits are divided by T, then log-softmaxed over the shared
    vocabulary (the first `vocab_size` columns; checkpoints may pad differently beyond it);
-2. alpha: the teacher's weight α from the configured method, clamped to
+2. support: q lives on the tokens both models allow (a token with a −inf logit in either
+   model has q = 0 for every α); α's equations are summed over that common support;
+3. alpha: the teacher's weight α from the configured method, clamped to
    [alpha_min, alpha_max]; `kl_symmetry` and `ess_balance` solve a monotone equation by
    safeguarded Newton (bisection whenever a Newton step leaves the bracket);
-3. mixture: log q = (1-α)·log θ + α·log t, normalised;
-4. support: the teacher's top-k / top-p set restricts q (others get probability 0) and q is
-   renormalised — after step 2, so the restriction does not bias α;
-5. draw: one token per row by inverse CDF, from one uniform number per row;
-6. record: α, log q(y), log t(y) and log θ(y) of the drawn token (tempered distributions,
+4. mixture: log q = (1-α)·log θ + α·log t, normalised;
+5. top-k / top-p: the teacher's top-k set, then its top-p nucleus of what is left (vLLM's
+   order, the teacher renormalised over its top-k first), restricts q, which is renormalised
+   — after step 3, so the restriction does not bias α;
+6. draw: one token per row;
+7. record: α, log q(y), log t(y) and log θ(y) of the drawn token (tempered distributions,
    i.e. those q was built from).
+
+A row the mixing cannot serve (the models share no token, or a logit is NaN) gets α or
+log q(y) NaN, never a silent value; `unmixable_rows` finds them and the lockstep raises
+`MixingError` naming the row.
+
+Exactness of the draw. The torch code draws by inverse CDF in float64 (a float64 uniform
+against the float64 cumulative sum of q), so every token with q(y) ≥ 2⁻⁵³ can be drawn, with
+probability q(y) up to float64 rounding. The fused kernels draw y = argmax(log q − log E)
+with E ~ Exp(1) per token (the exponential race, equivalent to Gumbel-max), E built from 62
+random bits: resolved to 2⁻⁶² near 0 and capped at 16.6 (P(E > 16.6) = 6·10⁻⁸), so a token
+is reachable whenever log q(y) ≥ log q(mode) − 47.9 (every token with q(y) ≥ 10⁻¹² is),
+and drawn with probability q(y) up to those two limits.
 
 The torch code synchronises with the host only for the Newton convergence check, made once
 after a few unconditional iterations and then once per extra iteration; the fused kernels
@@ -20,10 +35,9 @@ never do.
 
 Randomness is (seed, rank): one seed per step and each row's rank in pair order, so a row's
 draw does not depend on the engine's row order. On CUDA (with Triton, without top-k/top-p,
-for the solved methods) steps 1–5 run as fused kernels, one pass over the vocabulary each
-(`sampler.fused_mixing`), drawing by Gumbel-max; elsewhere as the torch code below, drawing by
-inverse CDF. Both draw exactly from q; the same seed repeats the same output on the same
-kind of device.
+for the solved methods) steps 1–7 run as fused kernels, one pass over the vocabulary each
+(`sampler.fused_mixing`); elsewhere as the torch code below. The same seed repeats the same
+output on the same kind of device.
 """
 
 from __future__ import annotations
@@ -101,34 +115,59 @@ def tempered_log_probs(logits: torch.Tensor, vocab_size: int, temperature: float
     return torch.log_softmax(logits[:, :vocab_size].float() / temperature, dim=-1)
 
 
-def _kl_symmetry_gap(log_theta: torch.Tensor, log_ratio: torch.Tensor, alpha: torch.Tensor
+@dataclass
+class CommonSupport:
+    """Both models' log-probs restricted to the tokens both allow.
+
+    `log_theta` is −inf outside the support and `log_ratio` (log t − log θ) is 0 there, so
+    that sums over the vocabulary are sums over the support with no inf − inf; `magnitude`
+    (|log t| + |log θ| inside, 0 outside) bounds the float32 rounding of those sums.
+    """
+
+    log_theta: torch.Tensor
+    log_ratio: torch.Tensor
+    magnitude: torch.Tensor
+
+    @classmethod
+    def of(cls, log_teacher: torch.Tensor, log_theta: torch.Tensor) -> CommonSupport:
+        inside = (log_teacher > float("-inf")) & (log_theta > float("-inf"))
+        return cls(log_theta=log_theta.masked_fill(~inside, float("-inf")),
+                   log_ratio=torch.where(inside, log_teacher - log_theta, 0.0),
+                   magnitude=torch.where(inside, log_teacher.abs() + log_theta.abs(), 0.0))
+
+    def repeat(self, copies: int) -> CommonSupport:
+        return CommonSupport(self.log_theta.repeat(copies, 1), self.log_ratio.repeat(copies, 1),
+                             self.magnitude.repeat(copies, 1))
+
+
+def _kl_symmetry_gap(support: CommonSupport, alpha: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Δ(α) = E_q[log t − log θ] = KL(q‖θ) − KL(q‖t), dΔ/dα = Var_q(log t − log θ), and the
     float32 rounding error of Δ (from rounding in log θ and log t, weighted by q)."""
-    log_q = torch.log_softmax(log_theta + alpha[:, None] * log_ratio, dim=-1)
+    log_q = torch.log_softmax(support.log_theta + alpha[:, None] * support.log_ratio, dim=-1)
     q = log_q.exp()
-    mean = (q * log_ratio).sum(-1)
-    variance = (q * (log_ratio - mean[:, None]).square()).sum(-1)
-    magnitude = (q * (log_theta.abs() + (log_theta + log_ratio).abs())).sum(-1)
-    return mean, variance, ROUNDING_SLACK * magnitude
+    mean = (q * support.log_ratio).sum(-1)
+    variance = (q * (support.log_ratio - mean[:, None]).square()).sum(-1)
+    return mean, variance, ROUNDING_SLACK * (q * support.magnitude).sum(-1)
 
 
-def _tilted_mean(log_theta: torch.Tensor, log_ratio: torch.Tensor, s: torch.Tensor
+def _tilted_mean(support: CommonSupport, s: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K(s) = log E_θ[e^{s·f}], K'(s) = E_{p_s}[f] with p_s ∝ θ·e^{s·f}, and K's rounding error."""
-    tilted = log_theta + s[:, None] * log_ratio
+    """K(s) = log E_θ[e^{s·f}], K'(s) = E_{p_s}[f] with p_s ∝ θ·e^{s·f}, and K's rounding
+    error; f = log t − log θ, sums over the common support."""
+    tilted = support.log_theta + s[:, None] * support.log_ratio
     log_norm = torch.logsumexp(tilted, dim=-1)
     weights = (tilted - log_norm[:, None]).exp()
-    mean = (weights * log_ratio).sum(-1)
-    magnitude = (weights * tilted.abs()).sum(-1)
+    mean = (weights * support.log_ratio).sum(-1)
+    magnitude = (weights * torch.where(weights > 0, tilted.abs(), 0.0)).sum(-1)
     return log_norm, mean, ROUNDING_SLACK * magnitude
 
 
-def _ess_gap(log_theta: torch.Tensor, log_ratio: torch.Tensor, alpha: torch.Tensor
+def _ess_gap(support: CommonSupport, alpha: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h(α) = log Σθ²/q − log Σt²/q = K(−α) − K(2−α), h'(α) = K'(2−α) − K'(−α) ≥ 0, error."""
-    k_low, mean_low, noise_low = _tilted_mean(log_theta, log_ratio, -alpha)
-    k_high, mean_high, noise_high = _tilted_mean(log_theta, log_ratio, 2.0 - alpha)
+    k_low, mean_low, noise_low = _tilted_mean(support, -alpha)
+    k_high, mean_high, noise_high = _tilted_mean(support, 2.0 - alpha)
     return k_low - k_high, mean_high - mean_low, noise_low + noise_high
 
 
@@ -141,7 +180,8 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
 
     Safeguarded Newton: a step that leaves the current bracket is replaced by bisection,
     and each evaluation narrows the bracket by the sign of the gap. A row stops when its
-    step is below `tolerance` or its gap is below its own float32 rounding error.
+    step is below `tolerance` or its gap is below its own float32 rounding error. A row whose
+    gap is not finite at either end (no common support, NaN logits) gets α = NaN.
     """
     low = torch.full((rows,), lower, device=device)
     high = torch.full((rows,), upper, device=device)
@@ -150,12 +190,13 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
     ends, _, ends_noise = gap(torch.cat([low, high]))
     gap_low, gap_high = ends[:rows], ends[rows:]
     noise_low, noise_high = ends_noise[:rows], ends_noise[rows:]
+    unsolvable = ~(torch.isfinite(gap_low) & torch.isfinite(gap_high))
     at_low = gap_low >= -noise_low
     at_high = (gap_high <= noise_high) & ~at_low
-    done = at_low | at_high
+    done = at_low | at_high | unsolvable
     span = (gap_high - gap_low).clamp_min(torch.finfo(torch.float32).tiny)
     alpha = torch.where(done, torch.where(at_low, low, high), low - gap_low * (high - low) / span)
-    alpha = alpha.clamp(lower, upper)
+    alpha = alpha.clamp(lower, upper).masked_fill(unsolvable, float("nan"))
     if bool(done.all()):
         return alpha
     for step in range(max_steps):
@@ -174,6 +215,21 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
     return alpha
 
 
+def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """H(p) per row, accurate for nearly one-hot rows in float32.
+
+    With d = log p_top − log p ≥ 0 and r = Σ e^{−d} over every token but the top one,
+    H = log1p(r) + Σ e^{−d}·d / (1 + r): positive terms only, where −Σ p·log p would lose
+    the top token's share to rounding (its log p rounds to 0 once r < 6e-8).
+    """
+    top, top_index = log_probs.max(dim=-1, keepdim=True)
+    gaps = top - log_probs
+    weights = torch.where(log_probs > float("-inf"), (-gaps).exp(), 0.0)
+    rest = weights.scatter(-1, top_index, 0.0).sum(-1)
+    spread = torch.where(weights > 0, weights * gaps, 0.0).sum(-1)
+    return torch.log1p(rest) + spread / (1.0 + rest)
+
+
 def compute_alpha(log_teacher: torch.Tensor, log_theta: torch.Tensor, config: MixingConfig
                   ) -> torch.Tensor:
     """The teacher's weight α per row, clamped to [alpha_min, alpha_max]."""
@@ -182,20 +238,17 @@ def compute_alpha(log_teacher: torch.Tensor, log_theta: torch.Tensor, config: Mi
         value = min(max(config.fixed_alpha, config.alpha_min), config.alpha_max)
         return torch.full((rows,), value, device=device)
     if config.alpha_method == "entropy":
-        entropy_theta = -(log_theta.exp() * log_theta).sum(-1)
-        entropy_teacher = -(log_teacher.exp() * log_teacher).sum(-1)
+        entropy_theta, entropy_teacher = _entropy(log_theta), _entropy(log_teacher)
         total = entropy_theta + entropy_teacher
         alpha = torch.where(total > 0, entropy_theta / total.clamp_min(1e-30),
                             torch.full_like(total, 0.5))
         return alpha.clamp(config.alpha_min, config.alpha_max)
-    log_ratio = log_teacher - log_theta
+    support = CommonSupport.of(log_teacher, log_theta)
     equation = _kl_symmetry_gap if config.alpha_method == "kl_symmetry" else _ess_gap
 
     def gap(alpha: torch.Tensor):
         copies = alpha.shape[0] // rows
-        if copies == 1:
-            return equation(log_theta, log_ratio, alpha)
-        return equation(log_theta.repeat(copies, 1), log_ratio.repeat(copies, 1), alpha)
+        return equation(support if copies == 1 else support.repeat(copies), alpha)
 
     return _solve_increasing_root(gap, config.alpha_min, config.alpha_max, rows, device,
                                   config.tolerance, config.max_newton_steps)
@@ -203,7 +256,12 @@ def compute_alpha(log_teacher: torch.Tensor, log_theta: torch.Tensor, config: Mi
 
 def teacher_support_mask(log_teacher: torch.Tensor, top_k: int, top_p: float
                          ) -> torch.Tensor | None:
-    """Tokens allowed by the teacher's top-k and top-p, or None when both are off."""
+    """Tokens allowed by the teacher's top-k, then top-p, or None when both are off.
+
+    vLLM's order: the top-k set first; the nucleus is then taken over the teacher
+    renormalised on that set (the smallest set of most likely tokens whose mass reaches
+    top_p; a token is kept while the mass ranked above it is below top_p).
+    """
     if top_k == -1 and top_p >= 1.0:
         return None
     keep = torch.ones_like(log_teacher, dtype=torch.bool)
@@ -211,33 +269,42 @@ def teacher_support_mask(log_teacher: torch.Tensor, top_k: int, top_p: float
         kth = torch.topk(log_teacher, top_k, dim=-1).values[:, -1:]
         keep &= log_teacher >= kth
     if top_p < 1.0:
-        sorted_log, order = torch.sort(log_teacher, dim=-1, descending=True)
-        mass_before = sorted_log.exp().cumsum(-1) - sorted_log.exp()
-        keep_sorted = mass_before < top_p
-        keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
+        renormalised = torch.log_softmax(log_teacher.masked_fill(~keep, float("-inf")), dim=-1)
+        sorted_log, order = torch.sort(renormalised, dim=-1, descending=True)
+        probabilities = sorted_log.exp()
+        mass_before = probabilities.cumsum(-1) - probabilities
+        keep &= torch.zeros_like(keep).scatter(-1, order, mass_before < top_p)
     return keep
 
 
 def mixture_log_probs(log_teacher: torch.Tensor, log_theta: torch.Tensor, alpha: torch.Tensor,
                       config: MixingConfig) -> torch.Tensor:
-    """Normalised log q for each row, restricted to the teacher's support if configured."""
+    """Normalised log q for each row over the common support, restricted to the teacher's
+    top-k / top-p set if configured."""
+    inside = (log_teacher > float("-inf")) & (log_theta > float("-inf"))
     mixed = (1.0 - alpha[:, None]) * log_theta + alpha[:, None] * log_teacher
     keep = teacher_support_mask(log_teacher, config.top_k, config.top_p)
     if keep is not None:
-        mixed = mixed.masked_fill(~keep, float("-inf"))
-    return torch.log_softmax(mixed, dim=-1)
+        inside &= keep
+    return torch.log_softmax(mixed.masked_fill(~inside, float("-inf")), dim=-1)
 
 
 def draw_from_log_probs(log_q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of one token per row; `uniforms` holds one number in [0, 1) per row."""
-    cdf = log_q.exp().cumsum(-1)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    """Inverse-CDF draw of one token per row, in float64; `uniforms` holds one number in
+    [0, 1) per row. Tokens of zero mass are never drawn."""
+    cdf = log_q.double().exp().cumsum(-1)
+    target = uniforms.double()[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(log_q.shape[-1] - 1)
+
+
+def unmixable_rows(alpha: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Positions of rows whose α or log q(y) is not finite: rows the mixing could not serve."""
+    return torch.nonzero(~(torch.isfinite(alpha) & torch.isfinite(log_q))).flatten()
 
 
 def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,
                  config: MixingConfig, seed: int, ranks: torch.Tensor) -> MixedDraw:
-    """Steps 1–6 of the module docstring for a batch of aligned rows."""
+    """Steps 1–7 of the module docstring for a batch of aligned rows."""
     if _use_fused(teacher_logits, config):
         return _fused_mix_and_draw(teacher_logits, theta_logits, vocab_size, config, seed, ranks)
     log_teacher = tempered_log_probs(teacher_logits, vocab_size, config.temperature)
@@ -245,7 +312,8 @@ def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab
     alpha = compute_alpha(log_teacher, log_theta, config)
     log_q = mixture_log_probs(log_teacher, log_theta, alpha, config)
     generator = torch.Generator(device=log_q.device).manual_seed(seed)
-    uniforms = torch.rand(len(ranks), generator=generator, device=log_q.device)[ranks]
+    uniforms = torch.rand(len(ranks), generator=generator, device=log_q.device,
+                          dtype=torch.float64)[ranks]
     tokens = draw_from_log_probs(log_q, uniforms)
     picked = tokens[:, None]
     return MixedDraw(
@@ -269,7 +337,7 @@ def _use_fused(logits: torch.Tensor, config: MixingConfig) -> bool:
 def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
                         vocab_size: int, config: MixingConfig, seed: int, ranks: torch.Tensor
                         ) -> MixedDraw:
-    """Steps 1–6 by the fused kernels: no host synchronisation at all."""
+    """Steps 1–7 by the fused kernels: no host synchronisation at all."""
     from sampler import fused_mixing
 
     temperature, rows = config.temperature, teacher_logits.shape[0]

@@ -33,17 +33,29 @@ def _ess_gap(log_teacher: np.ndarray, log_theta: np.ndarray, alpha: float) -> fl
     return float(logsumexp(2 * log_theta - log_q) - logsumexp(2 * log_teacher - log_q))
 
 
+def _entropy(log_probs: np.ndarray) -> float:
+    finite = log_probs > -np.inf
+    return -float(np.sum(np.exp(log_probs[finite]) * log_probs[finite]))
+
+
 def reference_alpha(log_teacher: np.ndarray, log_theta: np.ndarray, method: str,
                     alpha_min: float, alpha_max: float, fixed_alpha: float = 0.5) -> float:
-    """α for one row from its definition, clamped to [alpha_min, alpha_max]."""
+    """α for one row from its definition, clamped to [alpha_min, alpha_max].
+
+    The equations are taken over the tokens both models allow (q is 0 elsewhere); a row
+    with no such token has no α (NaN).
+    """
     if method == "fixed":
         return float(np.clip(fixed_alpha, alpha_min, alpha_max))
     if method == "entropy":
-        entropy_theta = -float(np.sum(np.exp(log_theta) * log_theta))
-        entropy_teacher = -float(np.sum(np.exp(log_teacher) * log_teacher))
+        entropy_theta, entropy_teacher = _entropy(log_theta), _entropy(log_teacher)
         total = entropy_theta + entropy_teacher
         alpha = entropy_theta / total if total > 0 else 0.5
         return float(np.clip(alpha, alpha_min, alpha_max))
+    inside = (log_teacher > -np.inf) & (log_theta > -np.inf)
+    if not inside.any():
+        return float("nan")
+    log_teacher, log_theta = log_teacher[inside], log_theta[inside]
     gap = {"kl_symmetry": _kl_symmetry_gap, "ess_balance": _ess_gap}[method]
     low, high = gap(log_teacher, log_theta, alpha_min), gap(log_teacher, log_theta, alpha_max)
     if low >= 0:
@@ -56,18 +68,22 @@ def reference_alpha(log_teacher: np.ndarray, log_theta: np.ndarray, method: str,
 
 def reference_mixture(log_teacher: np.ndarray, log_theta: np.ndarray, alpha: float,
                       top_k: int = -1, top_p: float = 1.0) -> np.ndarray:
-    """Normalised log q over the teacher's top-k / top-p support."""
-    mixed = (1 - alpha) * log_theta + alpha * log_teacher
-    keep = np.ones_like(mixed, dtype=bool)
+    """Normalised log q over the tokens both models allow, restricted to the teacher's
+    top-k set and then its top-p nucleus of that set (vLLM's order)."""
+    keep = np.ones(len(log_teacher), dtype=bool)
     if top_k != -1:
-        keep &= log_teacher >= np.sort(log_teacher)[::-1][min(top_k, len(mixed)) - 1]
+        keep &= log_teacher >= np.sort(log_teacher)[::-1][min(top_k, len(log_teacher)) - 1]
     if top_p < 1.0:
-        order = np.argsort(-log_teacher, kind="stable")
-        probs = np.exp(log_teacher[order])
+        renormalised = log_softmax(np.where(keep, log_teacher, -np.inf))
+        order = np.argsort(-renormalised, kind="stable")
+        probs = np.exp(renormalised[order])
         mass_before = np.cumsum(probs) - probs
         nucleus = np.zeros_like(keep)
         nucleus[order[mass_before < top_p]] = True
         keep &= nucleus
+    keep &= (log_teacher > -np.inf) & (log_theta > -np.inf)
+    with np.errstate(invalid="ignore"):
+        mixed = (1 - alpha) * log_theta + alpha * log_teacher
     return log_softmax(np.where(keep, mixed, -np.inf))
 
 

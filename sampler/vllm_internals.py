@@ -175,3 +175,23 @@ class SteppedEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         self._core.abort_requests(request_ids)
+
+    def shutdown(self) -> None:
+        """Release the engine's workers, model and KV cache, leaving the process's
+        distributed state alone.
+
+        vLLM's own `EngineCore.shutdown` (which newer releases also run when the client is
+        garbage-collected) tears that state down for the whole process, breaking every other
+        engine in it, and two engines share one process here; so its finaliser is detached
+        and only the executor and scheduler are shut down. `gc.unfreeze` undoes the
+        `gc.freeze` of the engine's start-up, so its memory can be collected.
+        """
+        import gc
+
+        client = self.llm.llm_engine.engine_core
+        finalizer = getattr(client, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        self._executor.shutdown()
+        self._scheduler.shutdown()
+        gc.unfreeze()

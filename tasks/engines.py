@@ -2,24 +2,49 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
 
 
 class EngineCache:
-    """One engine pair per worker process, reused across shards; one shard at a time on it."""
+    """One engine pair per worker process, reused across shards; one shard at a time on it.
+
+    A shard that fails mid-step discards the pair (after such a failure vLLM refuses the
+    next step with a message that hides the cause), so the task's retry and every later
+    shard start on a fresh pair; the first cause is logged. A failure that left the pair
+    healthy (a refused setting, say) keeps it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: str | None = None
-        self._sampler = None
+        self._sampler: Any = None
 
-    def run(self, key: str, build, work):
+    def run(self, key: str, build: Callable[[], Any], work: Callable[[Any], Result]) -> Result:
         with self._lock:
             if self._key != key:
-                self._key, self._sampler = None, None
+                self._discard()
                 self._sampler = build()
                 self._key = key
-            return work(self._sampler)
+            try:
+                return work(self._sampler)
+            except BaseException as error:
+                if not self._sampler.healthy:
+                    logger.error("discarding the engine pair after a failed step; cause: %s: %s",
+                                 type(error).__name__, error)
+                    self._discard()
+                raise
+
+    def _discard(self) -> None:
+        sampler, self._sampler, self._key = self._sampler, None, None
+        if sampler is not None:
+            sampler.cleanup()
 
 
 ENGINES = EngineCache()

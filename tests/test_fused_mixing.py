@@ -1,6 +1,7 @@
-"""The fused Triton mixing kernels, run by Triton's interpreter on the CPU.
+"""The fused Triton mixing kernels: compiled on CUDA where there is a GPU, else run by
+Triton's interpreter on the CPU (CI).
 
-The same kernels run compiled on CUDA; here they are checked against the float64 reference
+They are checked against the float64 reference
 (α, log q, log t, log θ) and, for the Gumbel-max draw, by a χ² test against q. Rows are split
 into chunks as on the GPU (small chunks here, so that each row spans several).
 """
@@ -9,20 +10,33 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from scipy.special import logsumexp  # noqa: E402
 from scipy.stats import chi2  # noqa: E402
 
 import sampler.fused_mixing as fused_mixing  # noqa: E402
 import sampler.mixing as mixing  # noqa: E402
-from sampler.mixing import MixingConfig, mix_and_draw  # noqa: E402
+from sampler.mixing import MixingConfig, mix_and_draw, unmixable_rows  # noqa: E402
 from sampler.reference import reference_alpha, reference_mixture  # noqa: E402
+from hard_rows import VOCAB as HARD_VOCAB  # noqa: E402
+from hard_rows import assert_matches_reference, disjoint_row, hard_cases  # noqa: E402
 
 pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    """Tensors made in a test live where the kernels run."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
 
 
 @pytest.fixture
@@ -44,15 +58,15 @@ def log_normalise(values: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
 def test_fused_path_matches_float64_reference(fused_backend, chunking, method):
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
     rows, vocab, width = 12, 3000, 3072
     teacher = torch.randn(rows, width, generator=generator) * torch.linspace(0.5, 6, rows)[:, None]
     theta = 0.6 * teacher + torch.randn(rows, width, generator=generator) * 2.0
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0, fixed_alpha=0.35,
                           temperature=1.3)
     draw = mix_and_draw(teacher, theta, vocab, config, seed=17, ranks=torch.arange(rows))
-    log_t = log_normalise(teacher[:, :vocab].double().numpy() / 1.3)
-    log_s = log_normalise(theta[:, :vocab].double().numpy() / 1.3)
+    log_t = log_normalise(teacher[:, :vocab].double().cpu().numpy() / 1.3)
+    log_s = log_normalise(theta[:, :vocab].double().cpu().numpy() / 1.3)
     for row in range(rows):
         alpha = reference_alpha(log_t[row], log_s[row], method, 0.0, 1.0, 0.35)
         log_q = reference_mixture(log_t[row], log_s[row], alpha)
@@ -65,17 +79,17 @@ def test_fused_path_matches_float64_reference(fused_backend, chunking, method):
 
 def test_fused_gumbel_draws_follow_q():
     """2,000 rows with the same pair of distributions, each its own rank: χ² against q."""
-    generator = torch.Generator().manual_seed(8)
+    generator = torch.Generator(device=DEVICE).manual_seed(8)
     vocab, rows, alpha = 24, 2000, 0.6
     teacher = (torch.randn(1, vocab, generator=generator) * 2).expand(rows, -1).contiguous()
     theta = (torch.randn(1, vocab, generator=generator) * 2).expand(rows, -1).contiguous()
     norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
     tokens, *_ = fused_mixing.draw(teacher, theta, vocab, 1.0, norms, torch.full((rows,), alpha),
                                    torch.arange(rows), seed=99)
-    log_t = log_normalise(teacher[0].double().numpy())
-    log_s = log_normalise(theta[0].double().numpy())
+    log_t = log_normalise(teacher[0].double().cpu().numpy())
+    log_s = log_normalise(theta[0].double().cpu().numpy())
     q = np.exp(reference_mixture(log_t, log_s, alpha))
-    counts = np.bincount(tokens.numpy(), minlength=vocab)
+    counts = np.bincount(tokens.cpu().numpy(), minlength=vocab)
 
     def p_value(probabilities: np.ndarray) -> float:
         expected = probabilities * rows
@@ -91,7 +105,7 @@ def test_fused_gumbel_draws_follow_q():
 
 
 def test_fused_draw_depends_on_rank_not_row_position(fused_backend):
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
     teacher = torch.randn(6, 500, generator=generator)
     theta = torch.randn(6, 500, generator=generator)
     ranks = torch.tensor([3, 0, 5, 1, 4, 2])
@@ -104,7 +118,7 @@ def test_fused_draw_depends_on_rank_not_row_position(fused_backend):
 
 def test_fused_draw_does_not_depend_on_chunking(fused_backend, monkeypatch):
     """Gumbel scores are per (seed, rank, token), so splitting a row differently draws the same."""
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
     teacher = torch.randn(5, 2000, generator=generator) * 3
     theta = torch.randn(5, 2000, generator=generator) * 3
     draws = []
@@ -123,8 +137,8 @@ def assert_solver_meets_tolerance(teacher: torch.Tensor, theta: torch.Tensor, me
     norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
     alpha = fused_mixing.solve_alpha(teacher, theta, vocab, 1.0, norms, method, 0.0, 1.0,
                                      1e-6, mixing.ROUNDING_SLACK)
-    log_t = log_normalise(teacher.double().numpy())
-    log_s = log_normalise(theta.double().numpy())
+    log_t = log_normalise(teacher.double().cpu().numpy())
+    log_s = log_normalise(theta.double().cpu().numpy())
     for row in range(rows):
         expected = reference_alpha(log_t[row], log_s[row], method, 0.0, 1.0, 0.5)
         assert abs(float(alpha[row]) - expected) < 2e-6
@@ -134,7 +148,7 @@ def assert_solver_meets_tolerance(teacher: torch.Tensor, theta: torch.Tensor, me
 def test_fused_solver_meets_tolerance_without_newton(monkeypatch, method):
     """With Newton switched off, the bisection tail alone still brackets α within 1e-6."""
     monkeypatch.setattr(fused_mixing, "NEWTON_STEPS", 0)
-    generator = torch.Generator().manual_seed(11)
+    generator = torch.Generator(device=DEVICE).manual_seed(11)
     teacher = torch.randn(6, 700, generator=generator) * 4
     theta = torch.randn(6, 700, generator=generator) * 4
     assert_solver_meets_tolerance(teacher, theta, method)
@@ -147,7 +161,32 @@ def test_fused_newton_converges_in_its_passes(monkeypatch, method):
     monkeypatch.setattr(fused_mixing, "bisection_steps", lambda *_: 0)
     monkeypatch.setattr(fused_mixing, "CHUNK", 256)
     monkeypatch.setattr(fused_mixing, "BLOCK", 64)
-    generator = torch.Generator().manual_seed(12)
+    generator = torch.Generator(device=DEVICE).manual_seed(12)
     teacher = torch.randn(6, 1500, generator=generator) * 3
     theta = 0.5 * teacher + torch.randn(6, 1500, generator=generator) * 2
     assert_solver_meets_tolerance(teacher, theta, method)
+
+
+@pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
+def test_fused_path_on_rows_real_models_produce(fused_backend, chunking, method):
+    """The cases of `hard_rows` (blocks hundreds of nats below the maximum, −inf logits,
+    temperature 0.05, one-hot rows, identical models) within 1e-4 of float64, in one batch
+    per temperature. (`entropy` has no fused path; `_use_fused` sends it to the torch code.)"""
+    for case in hard_cases():
+        config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0,
+                              temperature=case.temperature)
+        assert mixing._use_fused(case.teacher, config)
+        draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config, seed=3,
+                            ranks=torch.arange(case.teacher.shape[0]))
+        assert_matches_reference(case, draw, config)
+
+
+@pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
+def test_fused_path_reports_a_row_with_no_common_support(fused_backend, method):
+    teacher, theta = disjoint_row()
+    good = hard_cases()[3]
+    config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
+    draw = mix_and_draw(torch.cat([good.teacher, teacher]), torch.cat([good.theta, theta]),
+                        HARD_VOCAB, config, seed=1, ranks=torch.arange(5))
+    assert unmixable_rows(draw.alpha, draw.log_q).tolist() == [4]
+

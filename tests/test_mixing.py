@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from sampler.errors import ConfigError
-from sampler.mixing import (ALPHA_METHODS, MixingConfig, compute_alpha, draw_from_log_probs,
-                            mix_and_draw, mixture_log_probs, tempered_log_probs)
+from sampler.mixing import (ALPHA_METHODS, MixedDraw, MixingConfig, compute_alpha,
+                            draw_from_log_probs, mix_and_draw, mixture_log_probs,
+                            teacher_support_mask, tempered_log_probs, unmixable_rows)
 from sampler.reference import reference_alpha, reference_mixture
 from scipy.special import logsumexp
+from hard_rows import VOCAB as HARD_VOCAB
+from hard_rows import assert_matches_reference, disjoint_row, hard_cases
 
 VOCAB = 300
 
@@ -179,3 +182,55 @@ def test_draws_use_only_the_shared_vocabulary_of_differently_padded_models():
 def test_bad_settings_are_refused_with_the_field_named(field, kwargs):
     with pytest.raises(ConfigError, match=field):
         MixingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("method", ALPHA_METHODS)
+@pytest.mark.parametrize("case", hard_cases(), ids=lambda case: case.name)
+def test_rows_real_models_produce_match_float64_reference(case, method):
+    """Low temperature, blocks far below the maximum, −inf logits, one-hot rows, identical
+    models: α and the drawn token's log q, log t, log θ within 1e-4 of float64."""
+    config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0, fixed_alpha=0.5,
+                          temperature=case.temperature)
+    draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config, seed=1,
+                        ranks=torch.arange(case.teacher.shape[0]))
+    assert_matches_reference(case, draw, config)
+
+
+@pytest.mark.parametrize("method", ALPHA_METHODS)
+def test_a_row_with_no_common_support_is_reported_not_solved(method):
+    """Models that allow disjoint token sets cannot be mixed: that row gets NaN (reported by
+    `unmixable_rows`), never a silent α; the rows beside it are unaffected."""
+    good = hard_cases()[0]
+    bad_teacher, bad_theta = disjoint_row()
+    teacher = torch.cat([good.teacher[:2], bad_teacher, good.teacher[2:]])
+    theta = torch.cat([good.theta[:2], bad_theta, good.theta[2:]])
+    config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
+    draw = mix_and_draw(teacher, theta, HARD_VOCAB, config, seed=1, ranks=torch.arange(5))
+    assert unmixable_rows(draw.alpha, draw.log_q).tolist() == [2]
+    keep = torch.tensor([0, 1, 3, 4])
+    rest = MixedDraw(*(getattr(draw, name)[keep] for name in
+                       ("token_ids", "alpha", "log_q", "log_teacher", "log_theta")))
+    assert_matches_reference(good, rest, config)
+
+
+def test_top_k_then_top_p_in_vllms_order():
+    """top-p is taken over the teacher renormalised on its top-k set: of probabilities
+    (0.4, 0.31, 0.29), k = 2 leaves (0.56, 0.44), and p = 0.55 keeps only the first, where a
+    nucleus of the full distribution (0.4 < 0.55) would keep two."""
+    log_teacher = torch.tensor([[0.4, 0.31, 0.29]]).log()
+    assert teacher_support_mask(log_teacher, top_k=2, top_p=0.55).tolist() == [[True, False,
+                                                                                 False]]
+    assert teacher_support_mask(log_teacher, top_k=-1, top_p=0.55).tolist() == [[True, True,
+                                                                                  False]]
+    expected = reference_mixture(log_teacher[0].double().numpy(), np.log([0.2, 0.2, 0.6]), 0.5,
+                                 top_k=2, top_p=0.55)
+    assert np.isfinite(expected[0]) and np.isinf(expected[1:]).all()
+
+
+def test_float64_inverse_cdf_reaches_a_token_of_mass_1e_12():
+    """A uniform in the sliver of mass 1e-12 that sits after a token of mass 1 − 1e-12
+    draws it: float32 could not tell the two cumulative sums apart."""
+    log_q = torch.tensor([[np.log1p(-1e-12), np.log(1e-12)]], dtype=torch.float32)
+    assert draw_from_log_probs(log_q, torch.tensor([1.0 - 5e-13], dtype=torch.float64)
+                               ).tolist() == [1]
+    assert draw_from_log_probs(log_q, torch.tensor([0.5], dtype=torch.float64)).tolist() == [0]

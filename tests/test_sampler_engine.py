@@ -11,7 +11,7 @@ from scipy.stats import chi2
 
 from sampler import (ConfigError, IncompatibleModelsError, MixingConfig, OptimalSamplingV1,
                      save_alpha_history)
-from sampler.prompts import PromptFormat
+from sampler.prompts import PromptFormat, render_prompt_ids
 from sampler.reference import ReferenceModels, reference_alpha, reference_mixture
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def sampler(tiny_pair) -> OptimalSamplingV1:
 
 @pytest.fixture(scope="module")
 def reference(sampler, tiny_pair) -> ReferenceModels:
-    return ReferenceModels(*tiny_pair, vocab_size=len(sampler.tokenizer))
+    return ReferenceModels(*tiny_pair, vocab_size=sampler.vocab_size)
 
 
 def semi_on_policy_rows(gsm8k_rows, count: int) -> tuple[list[str], list[str]]:
@@ -184,16 +184,37 @@ def test_mismatched_theta_prompts_are_refused(sampler):
         sampler.generate(["a", "b"], ["only one"])
 
 
+def test_each_model_reads_its_prompt_through_its_own_chat_template(sampler, gsm8k_rows):
+    """The pair shares a vocabulary but not a template (as real pairs do): each recorded
+    prompt is exactly what that model's own `apply_chat_template` makes of its own system
+    prompt and text; the float64 test above scores log t and log θ on these very ids."""
+    teacher_tokenizer, theta_tokenizer = sampler.teacher_tokenizer, sampler.theta_tokenizer
+    assert teacher_tokenizer.chat_template != theta_tokenizer.chat_template
+    teacher_prompts, theta_prompts = semi_on_policy_rows(gsm8k_rows, 3)
+    output = sampler.generate(teacher_prompts, theta_prompts, max_tokens=4, seed=0)
+    for row in range(3):
+        for tokenizer, system, text, recorded in (
+                (teacher_tokenizer, TEACHER_SYSTEM, teacher_prompts[row],
+                 output.teacher_prompt_ids[row]),
+                (theta_tokenizer, THETA_SYSTEM, theta_prompts[row], output.theta_prompt_ids[row])):
+            expected = tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": text}],
+                add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            assert recorded == list(expected)
+    teacher_text = teacher_tokenizer.decode(output.teacher_prompt_ids[0])
+    theta_text = theta_tokenizer.decode(output.theta_prompt_ids[0])
+    assert TEACHER_SYSTEM in teacher_text and THETA_SYSTEM not in teacher_text
+    assert THETA_SYSTEM in theta_text and TEACHER_SYSTEM not in theta_text
+    assert theta_text != theta_tokenizer.decode(render_prompt_ids(
+        teacher_tokenizer, theta_prompts[0], PromptFormat(THETA_SYSTEM)))
+
+
 def test_per_call_prompt_format_reaches_each_model(sampler):
     plain = PromptFormat(system_prompt=None, use_chat_template=False)
     output = sampler.generate(["Count to three."], max_tokens=4, seed=0, teacher_format=plain,
                               theta_format=plain)
-    assert output.teacher_prompt_ids[0] == sampler.tokenizer("Count to three.")["input_ids"]
-    templated = sampler.generate(["Count to three."], max_tokens=4, seed=0)
-    teacher_text = sampler.tokenizer.decode(templated.teacher_prompt_ids[0])
-    theta_text = sampler.tokenizer.decode(templated.theta_prompt_ids[0])
-    assert TEACHER_SYSTEM in teacher_text and THETA_SYSTEM not in teacher_text
-    assert THETA_SYSTEM in theta_text and teacher_text.endswith("<|im_start|>assistant\n")
+    assert output.teacher_prompt_ids[0] == sampler.teacher_tokenizer("Count to three.")["input_ids"]
+    assert output.theta_prompt_ids[0] == sampler.theta_tokenizer("Count to three.")["input_ids"]
 
 
 def test_alpha_statistics_and_history_file(sampler, tmp_path):
@@ -227,7 +248,7 @@ def test_models_with_different_tokenizers_are_refused(tiny_pair, tmp_path, gsm8k
     for name in ("config.json", "model.safetensors"):
         (other / name).write_bytes((tiny_pair[1] / name).read_bytes())
     train_tokenizer([r["question"] for r in gsm8k_rows[:300]], 400, other)
-    with pytest.raises(IncompatibleModelsError, match="tokenizers differ"):
+    with pytest.raises(IncompatibleModelsError, match=r"tokenizers differ: token id \d+ is"):
         OptimalSamplingV1(str(tiny_pair[0]), str(other))
 
 
