@@ -204,9 +204,15 @@ class LockstepPair:
         logger.info("building teacher engine for %s", model_teacher)
         teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
         logger.info("building theta engine for %s", model_theta)
-        theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
+        try:
+            theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
+        except BaseException:
+            teacher.shutdown()
+            raise
         shared = min(teacher.logits_width, theta.logits_width)
         if vocab_size is not None and vocab_size > shared:
+            teacher.shutdown()
+            theta.shutdown()
             raise IncompatibleModelsError(
                 f"the tokenizer has {vocab_size} tokens but the models give {teacher.logits_width}"
                 f" (teacher) and {theta.logits_width} (theta) logits")

@@ -226,8 +226,8 @@ def test_alpha_statistics_and_history_file(sampler, tmp_path):
     path = tmp_path / "alpha.json"
     save_alpha_history(output, path)
     saved = json.loads(path.read_text())
-    assert saved["alpha_history"] == output.alpha_history
-    assert saved["per_row_alpha_stats"][1]["count"] == output.num_tokens[1]
+    assert [r["alpha_history"] for r in saved["requests"]] == output.alpha_history
+    assert saved["requests"][1]["statistics"]["count"] == output.num_tokens[1]
 
 
 @pytest.mark.parametrize("kwargs,field", [
