@@ -3,10 +3,11 @@
     python -m flows.distill --dataset demo
 
 A run for a date generates what is new for that date: the first samples of prompt versions
-(new or changed in the source) that no other date of this generation has, and with
-`samples_per_run` that many fresh samples of every prompt, seeded from the date. A rerun of
-the date reuses its finished shards and republishes the same rows; a change of generation
-settings, checkpoints or sampler code makes a new generation in new partitions.
+(new or changed in the source) that no other date of this generation owns, and, with
+`samples_per_run`, fresh samples seeded from the date of every prompt that this date or an
+earlier one introduced. A rerun of the date reuses its finished shards and republishes the
+same rows; a change of generation settings, checkpoints or sampler code makes a new generation
+in new partitions (README, "What a run for a date generates").
 """
 
 from __future__ import annotations

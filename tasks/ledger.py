@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 from collections.abc import Iterator
 from datetime import date, datetime, UTC
 from typing import Any, NamedTuple
@@ -25,8 +24,6 @@ from tasks.locking import run_in_progress
 from tasks.sql import query, run_sql
 from tasks.sql import warehouse as open_warehouse
 from tasks.validation import ValidationOutcome
-
-logger = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ["run_id", "dataset", "stage", "source_row", "prompt_id", "reason", "raw",
                   "reject_key", "seen_at"]

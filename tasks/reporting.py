@@ -3,7 +3,6 @@ histogram."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from tasks.ledger import RunLedger
 from tasks.planning import FIRST_ROUND
 from tasks.publishing import Publication
 from tasks.settling import SettledShard
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

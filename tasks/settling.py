@@ -3,7 +3,6 @@ rest, quarantine a shard that fails, and record the outcome in the catalog."""
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from tasks.generation import ShardOutcome
 from tasks.ledger import RunLedger
 from tasks.planning import Shard
 from tasks.validation import ValidationOutcome, validate_shard
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
