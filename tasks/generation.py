@@ -69,19 +69,15 @@ def check_model_paths(config: DatasetConfig) -> None:
 
 
 def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
-    """Checkpoint paths; `tiny:` names are built locally on first use (no hub here)."""
+    """Checkpoint paths; `tiny:teacher` / `tiny:theta` name the committed trained pair
+    (`models/tiny`, or the folder in DISTILL_TINY_MODELS_DIR)."""
     names = (config.models.teacher, config.models.theta)
     if not any(name.startswith(TINY_PREFIX) for name in names):
         return names
-    from sampler.tiny_models import make_tiny_pair
+    from sampler.tiny_models import TINY_PAIR_DIR, tiny_pair_paths
 
-    root = Path(os.environ.get("DISTILL_TINY_MODELS_DIR", data_dir / "models" / "tiny"))
-    if not (root / ".complete").exists():
-        with GSM8K_PATH.open() as handle:
-            corpus = [f"{row['question']}\n{row['answer']}" for row in map(json.loads, handle)]
-    else:
-        corpus = []
-    pair = dict(zip(("teacher", "theta"), make_tiny_pair(root, corpus)))
+    root = Path(os.environ.get("DISTILL_TINY_MODELS_DIR", TINY_PAIR_DIR))
+    pair = dict(zip(("teacher", "theta"), tiny_pair_paths(root)))
     return tuple(str(pair[name.removeprefix(TINY_PREFIX)]) if name.startswith(TINY_PREFIX)
                  else name for name in names)
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the GSM8K file and a tiny local teacher/theta pair, built once per session."""
+"""Shared fixtures: the GSM8K file and the committed tiny trained teacher/theta pair."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def gsm8k_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory, gsm8k_rows) -> tuple[Path, Path]:
-    from sampler.tiny_models import make_tiny_pair
+def tiny_pair() -> tuple[Path, Path]:
+    """models/tiny: trained once by `python -m sampler.tiny_models`, loaded, never retrained."""
+    from sampler.tiny_models import tiny_pair_paths
 
-    corpus = [row["question"] + "\n" + row["answer"] for row in gsm8k_rows]
-    return make_tiny_pair(tmp_path_factory.mktemp("tiny"), corpus)
+    return tiny_pair_paths()
