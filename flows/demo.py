@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -23,43 +22,36 @@ logger = logging.getLogger("demo")
 QUERY = "SELECT * FROM rows_per_dataset_date"
 
 
-@contextmanager
-def output_to_log_file(path: Path) -> Iterator[TextIO]:
-    """Send this process's stderr (file descriptor 2, so child processes' too) to `path`;
-    yield a stream to the terminal for what the user should see."""
+def send_output_to(path: Path) -> TextIO:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so child processes'
+    and Prefect's exit-time messages too) to `path`; return a stream to the terminal for what
+    the user should see."""
     path.parent.mkdir(parents=True, exist_ok=True)
     terminal = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    saved_stderr = os.dup(2)
-    with path.open("a") as log_file:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(log_file.fileno(), 1)
-        os.dup2(log_file.fileno(), 2)
-        try:
-            yield terminal
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(terminal.fileno(), 1)
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    return terminal
 
 
 def main() -> int:
     from flows.distill import DEFAULT_DATA_DIR
 
     log_path = Path(DEFAULT_DATA_DIR) / "logs" / f"demo-{datetime.now():%Y%m%d-%H%M%S}.log"
-    with output_to_log_file(log_path) as terminal:
-        console = logging.StreamHandler(terminal)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(console)
-        logger.propagate = False
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        logger.info("Running the demo dataset: 12 GSM8K problems, the tiny trained model pair, "
-                    "Prefect in ephemeral mode (about a minute on 2 cores).")
-        logger.info("Full log: %s", log_path)
-        return run_demo(terminal)
+    terminal = send_output_to(log_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    console = logging.StreamHandler(terminal)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.info("Running the demo dataset: 12 GSM8K problems, the tiny trained model pair, "
+                "Prefect in ephemeral mode (a minute or two on 2 cores).")
+    logger.info("Full log: %s", log_path)
+    return run_demo(terminal)
 
 
 def example_row(partition: str | None) -> str:
