@@ -41,7 +41,7 @@ def write_config(path: Path, source: Path, samples_per_run: int = 1,
                     f"path: {source}", "  limit: 12\n": "",
                     "text_columns: [question, answer]": "id_column: id\n"
                                                         "text_columns: [question, answer]",
-                    "max_tokens: 48": "max_tokens: 16",
+                    "max_tokens: 256": "max_tokens: 16",
                     "samples_per_prompt: 1": "samples_per_prompt: 1\n"
                                              f"  samples_per_run: {samples_per_run}",
                     **replacements}

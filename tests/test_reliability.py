@@ -175,7 +175,7 @@ def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tm
     for limit, per_run, folder in ((8, 0, "before"), (12, 1, "after")):
         (tmp_path / folder).mkdir()
         write_config(tmp_path / folder, "nightly", **{
-            "limit: 12": f"limit: {limit}", "max_tokens: 48": "max_tokens: 16",
+            "limit: 12": f"limit: {limit}", "max_tokens: 256": "max_tokens: 16",
             "samples_per_prompt: 1": f"samples_per_prompt: 1\n  samples_per_run: {per_run}"})
     data_dir, days = tmp_path / "data", ["2026-03-01", "2026-03-02", "2026-03-03"]
     distill(dataset=str(tmp_path / "before" / "nightly.yaml"), run_date=date.fromisoformat(days[0]),
@@ -264,7 +264,7 @@ def test_ten_kinds_of_bad_rows_are_rejected_by_row_and_the_good_rows_published(
     ({"text_columns: [question, answer]": "text_columns: [question, answer, hint]",
       '"{question}"': '"{question} {hint}"'}, "hint"),
     ({"teacher: tiny:teacher": "teacher: /no/such/model"}, "models.teacher"),
-    ({"max_tokens: 48": "max_tokens: -3"}, "sampling.max_tokens"),
+    ({"max_tokens: 256": "max_tokens: -3"}, "sampling.max_tokens"),
 ])
 def test_bad_configs_fail_before_any_work_naming_the_field(harness, tmp_path, replacements,
                                                            field):
