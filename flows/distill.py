@@ -26,9 +26,10 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from sampler.errors import IncompatibleModelsError
 from tasks.atomic_files import remove_stale_temporaries
 from tasks.config import REPO_ROOT, DatasetConfig, load_dataset_config
-from tasks.generation import check_model_paths, generate_shard, resolve_models
+from tasks.generation import check_models, generate_shard, resolve_models
 from tasks.layout import DataDir
 from tasks.ledger import RunLedger
 from tasks.lineage import describe_generation
@@ -55,7 +56,6 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
     then is refused (`RunLocked`).
     """
     config = load_dataset_config(dataset)
-    check_model_paths(config)
     run_date = run_date or date.today()
     data = DataDir(Path(data_dir or DEFAULT_DATA_DIR).resolve())
     with run_lock(data.root, config.name, run_date, lock_wait_seconds):
@@ -68,6 +68,10 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int) 
         get_run_logger().info("removed %d temporary files left by crashed writers", removed)
     ledger = RunLedger(data, config, run_date, str(flow_run.get_id() or "local"))
     with ledger.failure_recorded():
+        try:
+            check_models(config, data.root)
+        except IncompatibleModelsError as error:
+            raise RunFailed(f"run {ledger.run_id}: {error}") from error
         ledger.begin(describe_generation(config, resolve_models(config, data.root)))
         prompts = stage_prompts(ledger, config)
         shards = plan_shards(ledger, prompts, config, shard_size)

@@ -12,17 +12,18 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, UTC
 from pathlib import Path
 
 import pyarrow as pa
 from prefect import task
+from prefect.states import State
 
 from sampler.prompts import PromptFormat
 from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
 from tasks.atomic_files import write_atomically
-from tasks.engines import ENGINES
+from tasks.engines import ENGINES, EngineBuildError
 from tasks.layout import DataDir
 from tasks.lineage import Generation
 from tasks.planning import Shard
@@ -57,15 +58,13 @@ class ShardOutcome:
     reused: bool
 
 
-def check_model_paths(config: DatasetConfig) -> None:
-    """Fail fast, naming the field, when a model given as a local path does not exist."""
-    from sampler.errors import ConfigError
+@task(name="check-models")
+def check_models(config: DatasetConfig, data_dir: Path) -> None:
+    """Both models loadable and compatible, checked once before any shard: a missing model
+    fails the run in seconds with one message naming its field, not once per shard."""
+    from sampler.models import resolve_pair
 
-    for role in ("teacher", "theta"):
-        name = getattr(config.models, role)
-        local = name.startswith(("/", "./", "../", "~"))
-        if local and not Path(name).expanduser().exists():
-            raise ConfigError(f"models.{role}: {name} does not exist")
+    resolve_pair(*resolve_models(config, data_dir), chat_template=config.prompts.chat_template)
 
 
 def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
@@ -143,7 +142,13 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard,
     return pa.table(columns, schema=SHARD_SCHEMA)
 
 
-@task(name="generate-shard", tags=["gpu"], retries=1, retry_delay_seconds=5)
+def _worth_retrying(_task: object, _task_run: object, state: State) -> bool:
+    """Retry a shard unless its engine pair cannot be built: that fails the same way again."""
+    return not isinstance(state.result(raise_on_failure=False), EngineBuildError)
+
+
+@task(name="generate-shard", tags=["gpu"], retries=1, retry_delay_seconds=5,
+      retry_condition_fn=_worth_retrying)
 def generate_shard(shard: Shard, config: DatasetConfig, generation: Generation, run_id: str,
                    data: DataDir) -> ShardOutcome:
     """Generate a shard unless its finished file already exists (it then keeps the lineage
@@ -152,11 +157,13 @@ def generate_shard(shard: Shard, config: DatasetConfig, generation: Generation, 
     if path.exists():
         logger.info("shard %d (%s) already generated; reusing", shard.index, shard.key)
         return ShardOutcome(shard, str(path), reused=True)
-    engine_key = json.dumps([generation.teacher.path, generation.theta.path,
+    engine_key = json.dumps([asdict(generation.teacher), asdict(generation.theta),
                              config.engine.model_dump()], sort_keys=True)
     lineage = generation.row_lineage(run_id, datetime.now(UTC).replace(tzinfo=None))
     table = ENGINES.run(engine_key, lambda: _build_sampler(config, generation),
-                        lambda sampler: generate_rows(sampler, config, shard, lineage))
+                        lambda sampler: generate_rows(sampler, config, shard, lineage),
+                        f"models.teacher {generation.teacher.path!r} and models.theta "
+                        f"{generation.theta.path!r}")
     write_atomically(table, path, "shard-write")
     logger.info("shard %d (%s): %d rows written", shard.index, shard.key, table.num_rows)
     return ShardOutcome(shard, str(path), reused=False)
