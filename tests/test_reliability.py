@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 RUN_DATE = date(2026, 2, 1)
 NEXT_DATE = date(2026, 2, 2)
+SHORT = {"max_tokens: 256": "max_tokens: 32"}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,17 @@ def harness(tiny_pair) -> str:
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    """The demo dataset's config with 32-token samples: these tests are about faults."""
+    return str(write_config(tmp_path_factory.mktemp("config"), "demo", **SHORT))
+
+
 class FlowProcess:
     """The flow as its own OS process group, reporting to the test's Prefect server."""
 
-    def __init__(self, data_dir: Path, api_url: str, crash_at: str | None = None,
-                 lock_wait: float = 0.0, dataset: str = "demo", run_date: date = RUN_DATE):
+    def __init__(self, data_dir: Path, api_url: str, dataset: str, crash_at: str | None = None,
+                 lock_wait: float = 0.0, run_date: date = RUN_DATE):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.pop("DISTILL_CRASH_AT", None)
         env.update(PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1")
@@ -71,13 +78,13 @@ class FlowProcess:
         return code, self.log.read_text()
 
 
-def flow_process(data_dir: Path, api_url: str, **options) -> tuple[int, str]:
-    return FlowProcess(data_dir, api_url, **options).finish()
+def flow_process(data_dir: Path, api_url: str, dataset: str, **options) -> tuple[int, str]:
+    return FlowProcess(data_dir, api_url, dataset, **options).finish()
 
 
-def in_process(data_dir: Path, run_date: date = RUN_DATE) -> dict:
+def in_process(data_dir: Path, dataset: str, run_date: date = RUN_DATE) -> dict:
     """A run that is not the one crashing, in the test's process (no start-up cost)."""
-    return distill(dataset="demo", run_date=run_date, shard_size=4, data_dir=str(data_dir))
+    return distill(dataset=dataset, run_date=run_date, shard_size=4, data_dir=str(data_dir))
 
 
 def catalog(data_dir: Path, text: str) -> list[tuple]:
@@ -104,21 +111,22 @@ def assert_each_prompt_once(data_dir: Path, expected: int = 12,
     assert len(keys) == expected and len(set(keys)) == expected
 
 
-def test_a_date_killed_while_writing_a_shard_leaves_its_prompts_to_the_next(harness, tmp_path):
+def test_a_date_killed_while_writing_a_shard_leaves_its_prompts_to_the_next(harness, demo,
+                                                                           tmp_path):
     """SIGKILL after the 1st of 3 shard files: the next date takes over the dead run's
     prompts (reusing its finished shard), marks it crashed, and its rerun finds nothing left."""
-    code, output = flow_process(tmp_path, harness, crash_at="shard-write:2")
+    code, output = flow_process(tmp_path, harness, demo, crash_at="shard-write:2")
     assert code == -9, output[-2000:]
     finished = list((tmp_path / "shards" / "demo").glob("*.parquet"))
     leftovers = list((tmp_path / "shards" / "demo").glob(".*.tmp"))
     assert len(finished) == 1 and len(leftovers) == 1
     assert visible_parquet(tmp_path) == []
-    assert in_process(tmp_path, NEXT_DATE)["rows_published"] == 12
+    assert in_process(tmp_path, demo, NEXT_DATE)["rows_published"] == 12
     assert_each_prompt_once(tmp_path, run_date=NEXT_DATE)
     assert list((tmp_path / "shards" / "demo").glob(".*.tmp")) == []
     assert catalog(tmp_path, f"SELECT status FROM runs WHERE run_date = DATE '{RUN_DATE}'"
                    ) == [("crashed",)]
-    assert in_process(tmp_path)["status"] == "up_to_date"
+    assert in_process(tmp_path, demo)["status"] == "up_to_date"
     runs = catalog(tmp_path, "SELECT run_id, CAST(run_date AS VARCHAR), status, rows_published "
                              "FROM runs ORDER BY started_at")
     shards = catalog(tmp_path, "SELECT status, count(*) FROM shards GROUP BY ALL ORDER BY 1")
@@ -133,33 +141,34 @@ def test_a_date_killed_while_writing_a_shard_leaves_its_prompts_to_the_next(harn
                    ) == [(12, 12)]
 
 
-def test_crash_while_publishing_leaves_the_old_partition_whole(harness, tmp_path):
-    in_process(tmp_path)
+def test_crash_while_publishing_leaves_the_old_partition_whole(harness, demo, tmp_path):
+    in_process(tmp_path, demo)
     old = partition(tmp_path).read_bytes()
     old_run = set(pq.read_table(partition(tmp_path))["published_run_id"].to_pylist())
-    code, output = flow_process(tmp_path, harness, crash_at="publish")
+    code, output = flow_process(tmp_path, harness, demo, crash_at="publish")
     assert code == -9, output[-2000:]
     assert partition(tmp_path).read_bytes() == old
     assert visible_parquet(tmp_path) == [partition(tmp_path)]
     seen = catalog(tmp_path, "SELECT DISTINCT published_run_id FROM published")
     assert {run for (run,) in seen} == old_run
-    in_process(tmp_path)
+    in_process(tmp_path, demo)
     new_runs = set(pq.read_table(partition(tmp_path))["published_run_id"].to_pylist())
     assert len(new_runs) == 1 and new_runs != old_run
     assert_each_prompt_once(tmp_path)
     assert not list(partition(tmp_path).parent.glob(".*.tmp"))
 
 
-def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(harness, tmp_path):
+def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(harness, demo,
+                                                                       tmp_path):
     with run_lock(tmp_path, "demo", RUN_DATE):
         with pytest.raises(RunLocked, match="another run of demo for 2026-02-01 is in progress"):
-            in_process(tmp_path)
-        waiting = FlowProcess(tmp_path, harness, lock_wait=300)
+            in_process(tmp_path, demo)
+        waiting = FlowProcess(tmp_path, harness, demo, lock_wait=300)
         with pytest.raises(subprocess.TimeoutExpired):
             waiting.process.wait(timeout=20)
     code, output = waiting.finish()
     assert code == 0, output[-3000:]
-    assert in_process(tmp_path)["shards_reused"] == 3
+    assert in_process(tmp_path, demo)["shards_reused"] == 3
     assert_each_prompt_once(tmp_path)
     with pytest.raises(RunLocked):
         with run_lock(tmp_path, "demo", RUN_DATE):
@@ -180,7 +189,7 @@ def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tm
     data_dir, days = tmp_path / "data", ["2026-03-01", "2026-03-02", "2026-03-03"]
     distill(dataset=str(tmp_path / "before" / "nightly.yaml"), run_date=date.fromisoformat(days[0]),
             shard_size=4, data_dir=str(data_dir))
-    runs = [FlowProcess(data_dir, harness, dataset=str(tmp_path / "after" / "nightly.yaml"),
+    runs = [FlowProcess(data_dir, harness, str(tmp_path / "after" / "nightly.yaml"),
                         run_date=date.fromisoformat(day)) for day in days[1:]]
     for code, output in [run.finish() for run in runs]:
         assert code == 0, output[-3000:]
@@ -235,7 +244,7 @@ def test_ten_kinds_of_bad_rows_are_rejected_by_row_and_the_good_rows_published(
     ]
     source = tmp_path / "bad.jsonl"
     source.write_bytes("\n".join(lines).encode("utf-8", errors="surrogateescape") + b"\n")
-    config = write_config(tmp_path, "bad_rows", **{
+    config = write_config(tmp_path, "bad_rows", **SHORT, **{
         "path: data/gsm8k/test.jsonl": f"path: {source}", "limit: 12": "limit: 100",
         "max_prompt_chars: 2000": "max_prompt_chars: 50000",
         "text_columns: [question, answer]": "id_column: id\ntext_columns: [question, answer]"})
@@ -289,7 +298,7 @@ def test_models_with_different_tokenizers_fail_the_run_with_the_reason(harness, 
 
 
 def test_all_or_nothing_gate_keeps_the_partition_unpublished(harness, tmp_path):
-    config = write_config(tmp_path, "gated",
+    config = write_config(tmp_path, "gated", **SHORT,
                           **{"min_rows: 1": "min_rows: 1\n  all_or_nothing: true"})
     data_dir = tmp_path / "data"
     first = distill(dataset=str(config), run_date=RUN_DATE, shard_size=4, data_dir=str(data_dir))
