@@ -208,8 +208,9 @@ def alpha_note(figures: dict[str, dict], floor: float) -> str:
     return (
         f"Without a floor, kl_symmetry's α averages {free['alpha_mean']:.3f} (spread "
         f"{free['alpha_std']:.3f} over tokens) and lies below {floor:g} on "
-        f"{free['share_below_floor']:.1%} of tokens: KL(q‖θ) = KL(q‖t) needs α < 0.5 wherever the "
-        "teacher, which sees the reference solution, is the sharper of the two. With the "
+        f"{free['share_below_floor']:.1%} of tokens: KL(q‖θ) = KL(q‖t) tends to need α < 0.5 "
+        "where the teacher, which sees the reference solution, is sharper than the student. "
+        "With the "
         f"demo's floor the clamp therefore holds α at {floor:g} on "
         f"{clamped['share_at_alpha_min']:.1%} of tokens and the solver's root sets it on the "
         f"rest; over [0, 1] it is interior on {interior:.1%}.")
