@@ -28,6 +28,20 @@ def prefect_backend(tiny_pair, tmp_path_factory):
         yield
 
 
+def demo_text() -> str:
+    """The demo's config with 32-token samples (it draws 256): these tests are about the flow."""
+    text = (DATASETS_DIR / "demo.yaml").read_text()
+    assert "max_tokens: 256" in text
+    return text.replace("max_tokens: 256", "max_tokens: 32")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("config") / "demo.yaml"
+    path.write_text(demo_text())
+    return str(path)
+
+
 def run(dataset: str, data_dir: Path, run_date: date = RUN_DATE, shard_size: int = 4) -> dict:
     return distill(dataset=dataset, run_date=run_date, shard_size=shard_size,
                    data_dir=str(data_dir))
@@ -47,9 +61,9 @@ def partition_of(data_dir: Path, summary: dict, run_date: date = RUN_DATE) -> Pa
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory) -> tuple[Path, dict]:
+def first_run(tmp_path_factory, demo) -> tuple[Path, dict]:
     data_dir = tmp_path_factory.mktemp("demo-data")
-    return data_dir, run("demo", data_dir)
+    return data_dir, run(demo, data_dir)
 
 
 def test_demo_publishes_rows_with_lineage_and_views(first_run):
@@ -111,13 +125,14 @@ def test_demo_run_leaves_artifacts_and_histogram(first_run):
     assert {"demo-shards", "demo-summary"} <= keys
 
 
-def test_rerun_with_nothing_changed_generates_nothing_and_publishes_identical_rows(first_run):
+def test_rerun_with_nothing_changed_generates_nothing_and_publishes_identical_rows(first_run,
+                                                                                   demo):
     data_dir, summary = first_run
     partition = Path(summary["partition"])
     publisher = ["published_run_id", "published_at"]
     before_rows = pq.read_table(partition).drop_columns(publisher)
     before_shards = shard_files(data_dir)
-    again = run("demo", data_dir)
+    again = run(demo, data_dir)
     assert again["shards_reused"] == 3 and again["new_prompts"] == 12
     assert shard_files(data_dir) == before_shards
     after = pq.read_table(partition)
@@ -127,12 +142,12 @@ def test_rerun_with_nothing_changed_generates_nothing_and_publishes_identical_ro
     assert sql(data_dir, "SELECT count(*) FROM published") == [(12,)]
 
 
-def test_rerun_after_a_shard_is_lost_regenerates_only_that_shard(first_run):
+def test_rerun_after_a_shard_is_lost_regenerates_only_that_shard(first_run, demo):
     data_dir, _ = first_run
     before = shard_files(data_dir)
     lost = sorted(before)[1]
     (data_dir / "shards" / "demo" / lost).unlink()
-    summary = run("demo", data_dir)
+    summary = run(demo, data_dir)
     after = shard_files(data_dir)
     assert summary["shards_reused"] == 2 and summary["shards_ok"] == 3
     assert set(after) == set(before)
@@ -140,18 +155,18 @@ def test_rerun_after_a_shard_is_lost_regenerates_only_that_shard(first_run):
     assert sql(data_dir, "SELECT count(*), count(DISTINCT prompt_id) FROM published") == [(12, 12)]
 
 
-def test_a_quarantined_shard_is_not_published_and_the_next_date_generates_it(tmp_path):
+def test_a_quarantined_shard_is_not_published_and_the_next_date_generates_it(tmp_path, demo):
     """A rerun whose reused shard breaks validation publishes the other shards; the next
     date takes over the quarantined prompts and leaves the earlier partition untouched."""
     data_dir = tmp_path / "base"
-    baseline = run("demo", data_dir)
+    baseline = run(demo, data_dir)
     victim = sorted((data_dir / "shards" / "demo").glob("*.parquet"))[0]
     table = pq.read_table(victim)
     broken = table.set_column(table.column_names.index("alpha_max"), "alpha_max",
                               pa.array([1.7] * table.num_rows))
     pq.write_table(broken, victim)
     with pytest.raises(RunFailed, match="quarantined"):
-        run("demo", data_dir)
+        run(demo, data_dir)
     rerun_id = sql(data_dir, "SELECT run_id FROM runs WHERE status = 'partial'")[0][0]
     assert (data_dir / "quarantine" / "demo" / rerun_id / victim.name).exists()
     assert not victim.exists()
@@ -160,7 +175,7 @@ def test_a_quarantined_shard_is_not_published_and_the_next_date_generates_it(tmp
     failed = sql(data_dir, "SELECT failed_expectations FROM shards WHERE status = 'quarantined'")
     assert "alpha_max" in failed[0][0]
     partition_bytes = partition.read_bytes()
-    next_day = run("demo", data_dir, run_date=date(2026, 1, 16))
+    next_day = run(demo, data_dir, run_date=date(2026, 1, 16))
     assert next_day["new_prompts"] == table.num_rows
     assert next_day["rows_published"] == table.num_rows
     assert partition.read_bytes() == partition_bytes
@@ -177,7 +192,7 @@ def test_rejected_rows_carry_their_reasons(tmp_path):
             {"id": "a", "question": "A different question?", "answer": "#### 2"},
             {"id": "e", "question": "How many legs has a cat?", "answer": "#### 4"}]
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    config = (DATASETS_DIR / "demo.yaml").read_text().replace(
+    config = demo_text().replace(
         "path: data/gsm8k/test.jsonl", f"path: {source}").replace(
         "name: demo", "name: bad_rows").replace("limit: 12", "limit: 100").replace(
         "text_columns: [question, answer]", "id_column: id\ntext_columns: [question, answer]")
