@@ -86,9 +86,13 @@ def run_demo(terminal: TextIO) -> int:
         result = connection.execute(QUERY).fetchdf()
     finally:
         connection.close()
-    terminal.write(f"\n{example_row(summary['partition'])}")
+    if summary["partition"]:
+        terminal.write(f"\n{example_row(summary['partition'])}")
+        terminal.write(f"\nPublished {summary['rows_published']} rows to {summary['partition']}\n")
+    else:
+        terminal.write("\nNothing new to sample today: every demo prompt was sampled on an earlier "
+                       "date (a run generates only what is new for its date; see the table).\n")
     terminal.write(
-        f"\nPublished {summary['rows_published']} rows to {summary['partition']}\n"
         f"Catalog: {catalog}   (views: published, rows_per_dataset_date, alpha_by_dataset, "
         "rejected_rows, latest_runs)\n"
         f"Validation Data Docs: {summary['docs']}\n"
