@@ -60,11 +60,24 @@ def example_row(partition: str | None) -> str:
 
     if not partition:
         return "(nothing published)\n"
-    row = pq.read_table(partition, columns=["theta_prompt", "completion"]).slice(0, 1).to_pylist()
+    columns = ["theta_prompt", "completion_text"]
+    row = pq.read_table(partition, columns=columns).slice(0, 1).to_pylist()
     if not row:
         return "(the partition is empty)\n"
     return (f"One sample. The student saw:\n  {row[0]['theta_prompt'][:300]}\n"
-            f"The mixture wrote:\n  {row[0]['completion'][:400]}\n")
+            f"The mixture wrote:\n  {row[0]['completion_text'][:400]}\n")
+
+
+def left_out(partition: str) -> str:
+    """What curation left out of the partition, from its card's facts."""
+    import pyarrow.parquet as pq
+
+    from tasks.dataset_card import PartitionFacts
+
+    facts = PartitionFacts.from_metadata(pq.read_schema(partition).metadata, partition)
+    truncated = facts.counts["left_out_truncated"]
+    return (f" ({truncated} more stopped at max_tokens, left out)" if truncated
+            else "")
 
 
 def run_demo(terminal: TextIO) -> int:
@@ -88,7 +101,10 @@ def run_demo(terminal: TextIO) -> int:
         connection.close()
     if summary["partition"]:
         terminal.write(f"\n{example_row(summary['partition'])}")
-        terminal.write(f"\nPublished {summary['rows_published']} rows to {summary['partition']}\n")
+        terminal.write(f"\nPublished {summary['rows_published']} rows"
+                       f"{left_out(summary['partition'])} to {summary['partition']}\n"
+                       f"Dataset card beside it (README.md): datasets.load_dataset("
+                       f"'{Path(summary['partition']).parent}') opens the folder for training\n")
     else:
         terminal.write("\nNothing new to sample today: every demo prompt was sampled on an earlier "
                        "date (a run generates only what is new for its date; see the table).\n")

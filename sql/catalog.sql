@@ -34,3 +34,18 @@ CREATE OR REPLACE VIEW latest_runs AS
 SELECT run_id, dataset, run_date, generation_hash AS generation, status, rows_published, message,
        started_at, finished_at
 FROM runs ORDER BY started_at DESC;
+
+-- Per partition: how far the samples are from the student's own distribution. Weights are
+-- exp(log_importance_weight), scaled by the partition's largest before squaring (no overflow);
+-- effective_sample_share = (Σw)² / (n·Σw²), 1 when every weight is equal.
+CREATE OR REPLACE VIEW importance_by_dataset AS
+WITH weighted AS (
+    SELECT dataset, run_date, generation, log_importance_weight,
+           exp(log_importance_weight - max(log_importance_weight)
+               OVER (PARTITION BY dataset, run_date, generation)) AS scaled
+    FROM published WHERE log_importance_weight IS NOT NULL
+)
+SELECT dataset, run_date, generation, count(*) AS rows,
+       avg(log_importance_weight) AS mean_log_weight,
+       sum(scaled) ^ 2 / (count(*) * sum(scaled * scaled)) AS effective_sample_share
+FROM weighted GROUP BY ALL ORDER BY dataset, run_date, generation;

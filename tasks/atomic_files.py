@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,10 +18,22 @@ from tasks.faults import crash_point
 
 
 def write_atomically(table: pa.Table, path: Path, crash_point_name: str = "write") -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write a Parquet file to a temporary file in the same folder, fsync, then rename over
+    `path`."""
+    _replace_atomically(path, lambda temporary: pq.write_table(table, temporary),
+                        crash_point_name)
+
+
+def write_text_atomically(text: str, path: Path, crash_point_name: str = "write") -> None:
+    """`write_atomically` for a text file (a dataset card)."""
+    _replace_atomically(path, lambda temporary: temporary.write_text(text), crash_point_name)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], object],
+                        crash_point_name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    pq.write_table(table, temporary)
+    write(temporary)
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     crash_point(crash_point_name)

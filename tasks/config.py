@@ -106,7 +106,34 @@ class ValidationConfig(Strict):
 
 
 class CurationConfig(Strict):
-    gsm8k_answer_check: bool = False
+    """Which generated rows are published for training."""
+
+    #: A named checker in tasks/answer_checks.py; rows whose answer it rejects are left out.
+    answer_check: str | None = None
+    #: The source column holding the reference answer the checker compares against.
+    reference_column: str | None = None
+    #: False: rows that stopped at max_tokens are left out (training on them teaches the
+    #: student to stop mid-answer). True: kept, with `truncated` set.
+    keep_truncated: bool = False
+
+    @model_validator(mode="after")
+    def _known_checker(self) -> CurationConfig:
+        from tasks.answer_checks import ANSWER_CHECKS
+
+        if self.answer_check is not None and self.answer_check not in ANSWER_CHECKS:
+            raise ValueError(f"curation.answer_check {self.answer_check!r} is not one of "
+                             f"{sorted(ANSWER_CHECKS)}")
+        if self.answer_check is not None and not self.reference_column:
+            raise ValueError("curation.reference_column is required with an answer_check")
+        return self
+
+
+class CardConfig(Strict):
+    """What the dataset card's header declares (Hugging Face metadata names)."""
+
+    license: str = "other"
+    language: list[str] = ["en"]
+    task_categories: list[str] = ["text-generation"]
 
 
 class DatasetConfig(Strict):
@@ -122,6 +149,7 @@ class DatasetConfig(Strict):
     engine: EngineConfig = EngineConfig()
     validation: ValidationConfig = ValidationConfig()
     curation: CurationConfig = CurationConfig()
+    card: CardConfig = CardConfig()
 
     @model_validator(mode="after")
     def _templates_use_known_columns(self) -> DatasetConfig:
@@ -134,6 +162,10 @@ class DatasetConfig(Strict):
             if unknown:
                 raise ValueError(f"prompts.{name} uses {sorted(unknown)}, which are not in "
                                  f"text_columns {self.text_columns}")
+        reference = self.curation.reference_column
+        if reference is not None and reference not in self.text_columns:
+            raise ValueError(f"curation.reference_column {reference!r} is not in "
+                             f"text_columns {self.text_columns}")
         return self
 
     def generation_settings(self) -> dict:

@@ -35,7 +35,10 @@ GSM8K_PATH = Path(os.environ.get("GSM8K_PATH", REPO_ROOT / "data" / "gsm8k" / "t
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("content_hash", pa.string()),
     ("teacher_prompt", pa.string()), ("theta_prompt", pa.string()),
-    ("completion", pa.string()), ("token_ids", pa.list_(pa.int32())),
+    # the exact ids each model read (its own system prompt and chat template), so training
+    # tokens are these plus token_ids, never a re-tokenisation of the text
+    ("teacher_prompt_ids", pa.list_(pa.int32())), ("theta_prompt_ids", pa.list_(pa.int32())),
+    ("completion_text", pa.string()), ("token_ids", pa.list_(pa.int32())),
     ("num_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
     ("alpha", pa.list_(pa.float32())), ("log_q", pa.list_(pa.float32())),
     ("log_teacher", pa.list_(pa.float32())), ("log_theta", pa.list_(pa.float32())),
@@ -120,7 +123,9 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard,
         "content_hash": [p.content_hash for p, _ in expanded],
         "teacher_prompt": [p.teacher_prompt for p, _ in expanded],
         "theta_prompt": [p.theta_prompt for p, _ in expanded],
-        "completion": output.generated_texts,
+        "teacher_prompt_ids": output.teacher_prompt_ids,
+        "theta_prompt_ids": output.theta_prompt_ids,
+        "completion_text": output.generated_texts,
         "token_ids": output.generated_ids,
         "num_tokens": output.num_tokens,
         "finish_reason": output.finish_reasons,

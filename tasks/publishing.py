@@ -4,13 +4,15 @@ run date) partition; each sample is in exactly one partition (see tasks/planning
 Publishing replaces exactly its own partition: the file is written beside the target and
 renamed over it, so readers see the old partition or the new one, never a mix, and the
 neighbouring partitions are never touched (unlike DuckDB's COPY ... OVERWRITE). The file's
-metadata holds the generation's resolved settings, so it describes itself without the catalog.
+metadata holds the generation's resolved settings and its card's facts, so it describes itself
+without the catalog; its dataset card (README.md, tasks/dataset_card.py) lies beside it, so
+`datasets.load_dataset(<partition folder>)` opens it as is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,43 +20,90 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
-from tasks.atomic_files import write_atomically
+from tasks.answer_checks import ANSWER_CHECKS
+from tasks.atomic_files import write_atomically, write_text_atomically
 from tasks.config import DatasetConfig
+from tasks.dataset_card import (CARD_KEY, GENERATION_KEY, CardPart, PartitionFacts,
+                                chat_template_of, render_card)
 from tasks.ledger import RunLedger, now
+from tasks.lineage import local_checkpoint
 from tasks.planning import FIRST_ROUND
 from tasks.settling import SettledShard
 from tasks.staging import StagedPrompt
-from tasks.validation import validate_dataset
+from tasks.training_columns import add_training_columns
+from tasks.validation import ValidationOutcome, suite_summary, validate_dataset
 
 logger = logging.getLogger(__name__)
 
-FINAL_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
-
-def final_answer(text: str | None) -> str | None:
-    match = FINAL_ANSWER.search(text or "")
-    return match.group(1).replace(",", "").rstrip(".") if match else None
+@dataclass(frozen=True)
+class Curated:
+    table: pa.Table
+    left_out_truncated: int     # stopped at max_tokens, with curation.keep_truncated off
+    left_out_answer: int        # rejected by the dataset's answer check
 
 
 def curate(table: pa.Table, config: DatasetConfig, reference_answers: dict[str, str],
-           lineage: dict[str, object]) -> pa.Table:
-    """Apply the dataset's filters and add lineage columns to every row."""
-    if config.curation.gsm8k_answer_check:
-        answers = [final_answer(text) for text in table["completion"].to_pylist()]
-        correct = [answer is not None and answer == final_answer(reference_answers.get(prompt_id))
-                   for answer, prompt_id in zip(answers, table["prompt_id"].to_pylist())]
-        table = table.append_column("answer_correct", pa.array(correct))
+           lineage: dict[str, object]) -> Curated:
+    """Leave out what the dataset's curation says, then add the training columns and the
+    lineage columns to every row."""
+    curation = config.curation
+    truncated = pc.fill_null(pc.equal(table["finish_reason"], "length"), False)
+    left_out_truncated = 0
+    if not curation.keep_truncated:
+        left_out_truncated = pc.sum(truncated).as_py() or 0
+        table = table.filter(pc.invert(truncated))
+    left_out_answer = 0
+    if curation.answer_check:
+        check = ANSWER_CHECKS[curation.answer_check]
+        correct = [check(text, reference_answers.get(prompt_id)) for text, prompt_id in
+                   zip(table["completion_text"].to_pylist(), table["prompt_id"].to_pylist())]
+        table = table.append_column("answer_correct", pa.array(correct, pa.bool_()))
+        left_out_answer = correct.count(False)
         table = table.filter(pc.field("answer_correct"))
+    table = add_training_columns(table, config.prompts.theta_system)
     rows = table.num_rows
     for name, value in lineage.items():
         table = table.append_column(name, pa.array([value] * rows))
-    return table
+    return Curated(table, left_out_truncated, left_out_answer)
 
 
-def publish_partition(table: pa.Table, path: Path, generation_settings: str) -> None:
-    """Atomically replace one partition's file; other partitions are untouched."""
-    metadata = {**(table.schema.metadata or {}), b"distill.generation": generation_settings}
+def publish_partition(table: pa.Table, path: Path, generation_settings: str,
+                      facts: PartitionFacts, command: str) -> None:
+    """Atomically replace one partition's file, then its dataset card beside it (README.md);
+    other partitions are untouched. The card's facts are in the file's metadata too, so a
+    crash between the two writes leaves a partition whose card the rerun rewrites."""
+    metadata = {**(table.schema.metadata or {}), GENERATION_KEY: generation_settings,
+                CARD_KEY: facts.to_json()}
     write_atomically(table.replace_schema_metadata(metadata), path, "publish")
+    card = render_card([CardPart(facts, json.loads(generation_settings))], table,
+                       [path.name], [command])
+    write_text_atomically(card, path.with_name("README.md"), "publish-card")
+
+
+def validation_summary(settled: list[SettledShard], overall: ValidationOutcome
+                       ) -> dict[str, object]:
+    statuses = [s.status for s in settled]
+    return {"shards_passed": sum(s.passed is not None for s in settled),
+            "shards_quarantined": statuses.count("quarantined"),
+            "shards_failed": statuses.count("failed"), "dataset_suite": suite_summary(overall)}
+
+
+def partition_facts(config: DatasetConfig, ledger: RunLedger, curated: Curated, generated: int,
+                    validation: dict[str, object]) -> PartitionFacts:
+    generation = ledger.generation
+    return PartitionFacts(
+        dataset=config.name, description=config.description,
+        run_date=ledger.run_date.isoformat(), generation=generation.key,
+        published_run_id=ledger.run_id,
+        counts={"generated": generated, "left_out_truncated": curated.left_out_truncated,
+                "left_out_answer": curated.left_out_answer,
+                "published": curated.table.num_rows},
+        validation=validation, curation=config.curation.model_dump(),
+        card=config.card.model_dump(),
+        chat_templates={role: chat_template_of(local_checkpoint(checkpoint.path))
+                        for role, checkpoint in (("teacher", generation.teacher),
+                                                 ("theta", generation.theta))})
 
 
 @dataclass(frozen=True)
@@ -92,15 +141,23 @@ def publish_passed(settled: list[SettledShard], prompts: list[StagedPrompt],
                                            ", ".join(overall.failed_expectations) +
                                            "; nothing published"])
     sampling = config.sampling
-    curated = curate(generated, config, {p.prompt_id: p.fields.get("answer", "") for p in prompts},
+    reference = config.curation.reference_column
+    curated = curate(generated, config,
+                     {p.prompt_id: p.fields.get(reference) for p in prompts} if reference else {},
                      {"published_run_id": ledger.run_id, "published_at": now(),
                       "alpha_method": sampling.alpha_method,
                       "alpha_min_config": sampling.alpha_min,
                       "alpha_max_config": sampling.alpha_max})
     path = ledger.data.partition(config.name, ledger.generation.key, ledger.run_date)
-    publish_partition(curated, path, ledger.generation.settings)
+    facts = partition_facts(config, ledger, curated, generated.num_rows,
+                            validation_summary(settled, overall))
+    publish_partition(curated.table, path, ledger.generation.settings, facts,
+                      f"python -m flows.distill --dataset {config.name} "
+                      f"--run-date {ledger.run_date.isoformat()}")
     ledger.mark_published([p.version for s in passed if s.shard.sample_round == FIRST_ROUND
                            for p in s.shard.prompts])
     ledger.refresh_views()
-    logger.info("published %d rows to %s", curated.num_rows, path)
-    return Publication(str(path), curated.num_rows, generated, problems)
+    logger.info("published %d rows to %s (left out: %d truncated, %d by the answer check)",
+                curated.table.num_rows, path, curated.left_out_truncated,
+                curated.left_out_answer)
+    return Publication(str(path), curated.table.num_rows, generated, problems)

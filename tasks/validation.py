@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_FINISH_REASONS = ["stop", "length"]
 PER_TOKEN_COLUMNS = ("alpha", "log_q", "log_teacher", "log_theta")
+#: Token id lists: checked here through derived columns, never handed to GX whole.
+ID_COLUMNS = ("token_ids", "teacher_prompt_ids", "theta_prompt_ids")
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,16 @@ def validation_frame(table: pa.Table) -> pd.DataFrame:
     bad_logprobs = np.zeros(rows, dtype=bool)
     for column in PER_TOKEN_COLUMNS[1:]:
         bad_logprobs |= _rows_with_nonfinite_or_positive(table[column], rows)
-    frame = table.drop_columns([*PER_TOKEN_COLUMNS, "token_ids"]).to_pandas()
+    has_prompt_ids = pc.fill_null(pc.greater(pc.list_value_length(table["theta_prompt_ids"]), 0),
+                                  False).to_numpy(zero_copy_only=False)
+    frame = table.drop_columns([*PER_TOKEN_COLUMNS, *ID_COLUMNS]).to_pandas()
     frame["row_key"] = (frame["prompt_id"] + "#" + frame["sample_round"] + "#"
                         + frame["sample_index"].astype(str))
     frame["arrays_match_num_tokens"] = lengths_match
     frame["logprobs_finite_and_nonpositive"] = ~bad_logprobs
     frame["hit_max_tokens"] = (frame["finish_reason"] == "length").astype(float)
-    frame["has_text"] = frame["completion"].fillna("").str.len() > 0
+    frame["has_text"] = frame["completion_text"].fillna("").str.len() > 0
+    frame["has_prompt_ids"] = has_prompt_ids
     return frame
 
 
@@ -75,8 +80,9 @@ def shard_expectations(config: DatasetConfig) -> list:
     sampling = config.sampling
     alpha_range = {"min_value": sampling.alpha_min - 1e-6, "max_value": sampling.alpha_max + 1e-6}
     return [
-        e.ExpectColumnValuesToNotBeNull(column="completion"),
+        e.ExpectColumnValuesToNotBeNull(column="completion_text"),
         e.ExpectColumnValuesToBeInSet(column="has_text", value_set=[True]),
+        e.ExpectColumnValuesToBeInSet(column="has_prompt_ids", value_set=[True]),
         e.ExpectColumnValuesToBeBetween(column="num_tokens", min_value=1,
                                         max_value=sampling.max_tokens),
         e.ExpectColumnValuesToBeInSet(column="finish_reason", value_set=ALLOWED_FINISH_REASONS),
@@ -138,6 +144,14 @@ def _run_suite(gx_root: Path, name: str, result_path: Path, expectations: list,
     docs = context.get_docs_sites_urls()
     docs_path = docs[0]["site_url"] if docs else None
     return ValidationOutcome(bool(result.success), failed, str(result_path), docs_path)
+
+
+def suite_summary(outcome: ValidationOutcome) -> dict[str, object]:
+    """Success, expectations evaluated and passed, and the failed ones, from the result JSON."""
+    statistics = json.loads(Path(outcome.result_path).read_text()).get("statistics", {})
+    return {"success": outcome.success, "failed": outcome.failed_expectations,
+            "evaluated": statistics.get("evaluated_expectations"),
+            "successful": statistics.get("successful_expectations")}
 
 
 def _json_default(value):

@@ -21,7 +21,7 @@ from flows.distill import distill
 from sampler import BrokenPairError, OptimalSamplingV1
 
 RUN_DATE = date(2026, 3, 1)
-GENERATED = ["prompt_id", "completion", "token_ids", "alpha", "log_q", "log_teacher",
+GENERATED = ["prompt_id", "completion_text", "token_ids", "alpha", "log_q", "log_teacher",
              "log_theta"]
 
 
@@ -56,7 +56,8 @@ def test_a_step_failing_mid_way_is_retried_on_a_fresh_pair(tmp_path, monkeypatch
     assert "discarding the engine pair after a failed step; cause: RuntimeError: injected" \
         in caplog.text
     assert retried["status"] == "published"
-    assert retried["rows_published"] == clean["rows_published"] == 12
+    # 12 samples, less any that stopped at max_tokens (left out of the partition)
+    assert retried["rows_published"] == clean["rows_published"] > 6
     assert published_rows(retried) == published_rows(clean)
 
 

@@ -29,10 +29,12 @@ def prefect_backend(tiny_pair, tmp_path_factory):
 
 
 def demo_text() -> str:
-    """The demo's config with 32-token samples (it draws 256): these tests are about the flow."""
+    """The demo's config with 32-token samples (it draws 256), kept though most stop at
+    max_tokens: these tests are about the flow."""
     text = (DATASETS_DIR / "demo.yaml").read_text()
-    assert "max_tokens: 256" in text
-    return text.replace("max_tokens: 256", "max_tokens: 32")
+    assert "max_tokens: 256" in text and "keep_truncated: false" in text
+    return text.replace("max_tokens: 256", "max_tokens: 32").replace(
+        "keep_truncated: false", "keep_truncated: true")
 
 
 @pytest.fixture(scope="module")

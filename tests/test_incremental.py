@@ -36,12 +36,14 @@ def sql(data_dir: Path, text: str) -> list[tuple]:
 
 def write_config(path: Path, source: Path, samples_per_run: int = 1,
                  **replacements: str) -> Path:
-    """The demo config over `source` (ids in column `id`), 16 tokens a sample."""
+    """The demo config over `source` (ids in column `id`), 16 tokens a sample, kept though
+    most stop at max_tokens."""
     replacements = {"name: demo": "name: nightly", "path: data/gsm8k/test.jsonl":
                     f"path: {source}", "  limit: 12\n": "",
                     "text_columns: [question, answer]": "id_column: id\n"
                                                         "text_columns: [question, answer]",
                     "max_tokens: 256": "max_tokens: 16",
+                    "keep_truncated: false": "keep_truncated: true",
                     "samples_per_prompt: 1": "samples_per_prompt: 1\n"
                                              f"  samples_per_run: {samples_per_run}",
                     **replacements}

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 RUN_DATE = date(2026, 2, 1)
 NEXT_DATE = date(2026, 2, 2)
-SHORT = {"max_tokens: 256": "max_tokens: 32"}
+#: 32-token samples, kept though most stop at max_tokens: these tests are about faults.
+SHORT = {"max_tokens: 256": "max_tokens: 32", "keep_truncated: false": "keep_truncated: true"}
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +186,7 @@ def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tm
         (tmp_path / folder).mkdir()
         write_config(tmp_path / folder, "nightly", **{
             "limit: 12": f"limit: {limit}", "max_tokens: 256": "max_tokens: 16",
+            "keep_truncated: false": "keep_truncated: true",
             "samples_per_prompt: 1": f"samples_per_prompt: 1\n  samples_per_run: {per_run}"})
     data_dir, days = tmp_path / "data", ["2026-03-01", "2026-03-02", "2026-03-03"]
     distill(dataset=str(tmp_path / "before" / "nightly.yaml"), run_date=date.fromisoformat(days[0]),

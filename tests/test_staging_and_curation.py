@@ -1,5 +1,5 @@
-"""Every source format staged through real DuckDB, the GSM8K final-answer filter, and the
-per-row array checks that the validation suites read."""
+"""Every source format staged through real DuckDB, the GSM8K final-answer filter
+(math-verify), and the per-row array checks that the validation suites read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import DATASETS_DIR, parse_dataset_config
-from tasks.publishing import curate, final_answer
+from tasks.publishing import curate
 from tasks.staging import normalise_rows, read_source
 from tasks.validation import validation_frame
 
@@ -52,15 +52,28 @@ def test_every_source_format_stages_the_same_prompts(tmp_path, fmt):
     assert all("Reference solution" not in p.theta_prompt for p in prompts)
 
 
+def generated_rows(completions: list[str], finish_reasons: list[str] | None = None) -> pa.Table:
+    """Validated rows as generation writes them, with two tokens each."""
+    rows = len(completions)
+    return pa.table({
+        "prompt_id": [chr(ord("a") + i) for i in range(rows)],
+        "theta_prompt": [f"question {i}" for i in range(rows)],
+        "theta_prompt_ids": [[7, 8, 9]] * rows, "completion_text": completions,
+        "token_ids": [[11, 2]] * rows, "finish_reason": finish_reasons or ["stop"] * rows,
+        "log_q": [[-1.0, -0.5]] * rows, "log_theta": [[-1.5, -0.25]] * rows,
+    })
+
+
 def test_gsm8k_answer_check_keeps_only_matching_final_answers():
+    """math-verify, not a regex: '$18' and '18.00' are 18; '1,000.' is 1000."""
     config = parse_dataset_config((DATASETS_DIR / "gsm8k.yaml").read_text(), "gsm8k.yaml")
-    table = pa.table({"prompt_id": ["a", "b", "c"],
-                      "completion": ["so the total is #### 5", "#### 1,000.", "no final answer"]})
-    curated = curate(table, config, {"a": "... #### 5", "b": "#### 1000", "c": "#### 3"},
-                     {"run_id": "r1"})
-    assert curated["prompt_id"].to_pylist() == ["a", "b"]
-    assert curated["run_id"].to_pylist() == ["r1", "r1"]
-    assert final_answer("x #### -12.5") == "-12.5" and final_answer("none") is None
+    table = generated_rows(["so the total is #### $18", "#### 1,000.", "no final answer",
+                            "#### 18.00", "#### 17"])
+    curated = curate(table, config, {"a": "... #### 18", "b": "#### 1000", "c": "#### 3",
+                                     "d": "#### 18", "e": "#### 18"}, {"run_id": "r1"})
+    assert curated.table["prompt_id"].to_pylist() == ["a", "b", "d"]
+    assert curated.table["run_id"].to_pylist() == ["r1"] * 3
+    assert (curated.left_out_answer, curated.left_out_truncated) == (2, 0)
 
 
 def test_validation_frame_flags_bad_arrays_row_by_row():
@@ -70,9 +83,10 @@ def test_validation_frame_flags_bad_arrays_row_by_row():
     table = pa.table({
         "prompt_id": ["a", "b", "c", "d", "e"], "sample_index": [0, 0, 0, 0, 0],
         "sample_round": ["first"] * 4 + ["2026-01-02"],
-        "completion": ["x", "x", "x", "x", ""], "finish_reason": ["stop"] * 4 + ["length"],
+        "completion_text": ["x", "x", "x", "x", ""], "finish_reason": ["stop"] * 4 + ["length"],
         "num_tokens": [2, 2, 2, 2, 0],
-        "token_ids": [[1, 2]] * 4 + [[]],
+        "token_ids": [[1, 2]] * 4 + [[]], "teacher_prompt_ids": [[3]] * 5,
+        "theta_prompt_ids": [[3]] * 4 + [[]],
         "alpha": [[0.5, 0.6], [0.5, 0.6], [0.5], [0.5, 0.6], []],
         "log_q": [good, [-0.1, 0.5], good, good, []],
         "log_teacher": [good] * 4 + [[]],
@@ -81,6 +95,7 @@ def test_validation_frame_flags_bad_arrays_row_by_row():
     frame = validation_frame(table)
     assert frame["arrays_match_num_tokens"].tolist() == [True, True, False, True, True]
     assert frame["logprobs_finite_and_nonpositive"].tolist() == [True, False, True, False, True]
+    assert frame["has_prompt_ids"].tolist() == [True] * 4 + [False]
     assert frame["row_key"].tolist() == ["a#first#0", "b#first#0", "c#first#0", "d#first#0",
                                          "e#2026-01-02#0"]
-    assert "alpha" not in frame.columns and "token_ids" not in frame.columns
+    assert not {"alpha", "token_ids", "theta_prompt_ids"} & set(frame.columns)

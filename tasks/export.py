@@ -1,0 +1,142 @@
+"""A dataset's published partitions (all dates or chosen ones) as one folder that
+`datasets.load_dataset` opens as is, and the push of that folder to the Hugging Face Hub.
+
+The folder holds `data/<generation>-<run date>.parquet` (each partition's rows, with `dataset`
+and `run_date` columns and the partition's own metadata) and one dataset card over all of
+them. It is built beside the target and renamed into place, so the target is the old export
+or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.atomic_files import write_atomically, write_text_atomically
+from tasks.dataset_card import GENERATION_KEY, CardPart, PartitionFacts, render_card
+from tasks.layout import DataDir
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """What to export cannot be exported; the message names the partition or the option."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    path: Path
+    generation: str
+    run_date: date
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: str
+    files: list[str]
+    rows: int
+
+
+def find_partitions(data: DataDir, dataset: str, run_dates: list[date] | None = None,
+                    generations: list[str] | None = None) -> list[Partition]:
+    """The dataset's published partitions, oldest date first; a chosen date or generation
+    that has none is an error naming it."""
+    folder = data.published / f"dataset={dataset}"
+    found = [Partition(path, path.parent.parent.name.removeprefix("generation="),
+                       date.fromisoformat(path.parent.name.removeprefix("run_date=")))
+             for path in folder.glob("generation=*/run_date=*/data.parquet")]
+    for option, chosen, have in (("--run-date", run_dates, {p.run_date for p in found}),
+                                 ("--generation", generations, {p.generation for p in found})):
+        missing = sorted(str(value) for value in set(chosen or ()) - have)
+        if missing:
+            raise ExportError(f"{option} {', '.join(missing)}: dataset {dataset!r} has no "
+                              f"published partition for it in {folder} (it has "
+                              f"{sorted(str(v) for v in have) or 'none'})")
+    chosen = [p for p in found if (not run_dates or p.run_date in run_dates)
+              and (not generations or p.generation in generations)]
+    if not chosen:
+        raise ExportError(f"dataset {dataset!r}: nothing published in {folder}")
+    return sorted(chosen, key=lambda p: (p.run_date, p.generation))
+
+
+def read_partition(partition: Partition, dataset: str) -> tuple[pa.Table, CardPart]:
+    """A partition's rows with `dataset` and `run_date` added, and what its card says."""
+    table = pq.read_table(partition.path)
+    metadata = table.schema.metadata or {}
+    facts = PartitionFacts.from_metadata(metadata, str(partition.path))
+    rows = table.num_rows
+    table = table.append_column("dataset", pa.array([dataset] * rows, pa.string()))
+    table = table.append_column("run_date", pa.array([partition.run_date] * rows, pa.date32()))
+    return table, CardPart(facts, json.loads(metadata[GENERATION_KEY]))
+
+
+def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date] | None = None,
+                   generations: list[str] | None = None, overwrite: bool = False
+                   ) -> ExportResult:
+    """Write the chosen partitions and their card to `out` (refused if it holds anything,
+    unless `overwrite`)."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out}: the folder is not empty; pass --overwrite to "
+                          "replace it")
+    partitions = find_partitions(data, dataset, run_dates, generations)
+    read = [read_partition(p, dataset) for p in partitions]
+    metadata = [table.schema.metadata for table, _ in read]
+    # one schema for all files (load_dataset refuses files that differ); a column some
+    # partitions lack is null there
+    every = pa.concat_tables([table.replace_schema_metadata(None) for table, _ in read],
+                             promote_options="permissive")
+    names = [f"data/{p.generation}-{p.run_date.isoformat()}.parquet" for p in partitions]
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        offset = 0
+        for name, (table, _), file_metadata in zip(names, read, metadata):
+            rows = every.slice(offset, table.num_rows)
+            write_atomically(rows.replace_schema_metadata(file_metadata), staging / name,
+                             "export")
+            offset += table.num_rows
+        dates = " ".join(f"--run-date {d}" for d in sorted({str(p.run_date)
+                                                             for p in partitions}))
+        commands = [*(f"python -m flows.distill --dataset {dataset} --run-date {d}"
+                      for d in sorted({str(p.run_date) for p in partitions})),
+                    f"python -m flows.export --dataset {dataset} --out {out.name} {dates}"]
+        card = render_card([part for _, part in read], every, names, commands)
+        write_text_atomically(card, staging / "README.md", "export-card")
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("exported %d rows of %s (%d partitions) to %s", every.num_rows, dataset,
+                len(partitions), out)
+    return ExportResult(str(out), names, every.num_rows)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename the finished folder to `out`, replacing what was there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str, private: bool = True) -> str:
+    """Upload an exported folder as a Hub dataset repository; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+                               commit_message=f"Export of {folder.name}")
+    return str(commit.commit_url)

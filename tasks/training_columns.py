@@ -1,0 +1,72 @@
+"""The columns a trainer reads, built from what generation recorded.
+
+TRL's `SFTTrainer` takes any of three shapes with no glue code: `messages` (it applies the
+student's chat template), conversational `prompt`/`completion` (loss on the completion), or
+`input_ids`/`labels` (used as is). Only the last is exact: a sampled token sequence is often
+not how the tokenizer would split its text, so re-tokenising the completion gives other ids
+and the per-token α, log q, log t and log θ no longer line up. `input_ids` is therefore the
+ids the student read (its own system prompt and chat template) followed by the sampled ids,
+and `labels` the same with `IGNORE_INDEX` over the prompt: `labels[len(theta_prompt_ids) + i]`
+is `token_ids[i]`, whose α is `alpha[i]`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+#: What PyTorch's cross-entropy (and so every Hugging Face causal LM) leaves out of the loss.
+IGNORE_INDEX = -100
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+TRAINING_SCHEMA = pa.schema([
+    ("messages", MESSAGES), ("prompt", MESSAGES), ("completion", MESSAGES),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("log_importance_weight", pa.float64()), ("truncated", pa.bool_()),
+])
+#: Columns only one way of training reads; the card's configs leave out the others' so that
+#: `SFTTrainer` picks the intended one (it prefers input_ids, then prompt/completion).
+TOKEN_COLUMNS = ("input_ids", "labels")
+CONVERSATION_COLUMNS = ("prompt", "completion")
+
+
+def sequence_log_weights(log_theta: pa.ChunkedArray, log_q: pa.ChunkedArray) -> np.ndarray:
+    """Per row, Σ over its tokens of log θ(y) − log q(y): the log of θ(y)/q(y) for the whole
+    sequence, in float64."""
+    theta, q = log_theta.combine_chunks(), log_q.combine_chunks()
+    rows = len(theta)
+    parents = pc.list_parent_indices(theta).to_numpy(zero_copy_only=False)
+    differences = (pc.list_flatten(theta).to_numpy(zero_copy_only=False).astype(np.float64)
+                   - pc.list_flatten(q).to_numpy(zero_copy_only=False).astype(np.float64))
+    return np.bincount(parents, weights=differences, minlength=rows)
+
+
+def conversation(system_prompt: str | None, user: str, assistant: str | None = None
+                 ) -> list[dict[str, str]]:
+    """The turns the student's chat template rendered (`render_prompt_ids` in
+    sampler/prompts.py): its system prompt when it has one, the user turn; then the answer."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": user})
+    if assistant is not None:
+        messages.append({"role": "assistant", "content": assistant})
+    return messages
+
+
+def add_training_columns(table: pa.Table, theta_system: str | None) -> pa.Table:
+    """`TRAINING_SCHEMA`'s columns first, then the generated ones."""
+    users = table["theta_prompt"].to_pylist()
+    answers = table["completion_text"].to_pylist()
+    prompt_ids = table["theta_prompt_ids"].to_pylist()
+    generated_ids = table["token_ids"].to_pylist()
+    columns = {
+        "messages": [conversation(theta_system, u, a) for u, a in zip(users, answers)],
+        "prompt": [conversation(theta_system, u) for u in users],
+        "completion": [[{"role": "assistant", "content": a}] for a in answers],
+        "input_ids": [p + g for p, g in zip(prompt_ids, generated_ids)],
+        "labels": [[IGNORE_INDEX] * len(p) + g for p, g in zip(prompt_ids, generated_ids)],
+        "log_importance_weight": sequence_log_weights(table["log_theta"], table["log_q"]),
+        "truncated": pc.equal(table["finish_reason"], "length"),
+    }
+    training = pa.table(columns, schema=TRAINING_SCHEMA)
+    return pa.Table.from_arrays([*training.columns, *table.columns],
+                                names=[*training.column_names, *table.column_names])
