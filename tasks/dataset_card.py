@@ -199,7 +199,7 @@ def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
         "train = load_dataset(\"<this folder or hub id>\", split=\"train\")"
         "  # exact tokens: input_ids, labels",
         "trainer = SFTTrainer(model=\"<the student>\", train_dataset=train,",
-        "                     args=SFTConfig(output_dir=\"out\"))",
+        "                     args=SFTConfig(output_dir=\"out\"))  # CPU: use_cpu=True, bf16=False",
         "trainer.train()", "```", "",
         "Configs: `default` (every column; SFTTrainer trains on `input_ids`/`labels`, the "
         "student's own prompt ids then the sampled ids, prompt masked with -100, so "

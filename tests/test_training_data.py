@@ -29,6 +29,7 @@ from tasks.answer_checks import gsm8k_final_answer
 from tasks.config import DATASETS_DIR, parse_dataset_config
 from tasks.dataset_card import PartitionFacts
 from tasks.publishing import curate
+from tasks.sql import read_catalog
 from tasks.training_columns import IGNORE_INDEX
 
 RUN_DATE = date(2026, 5, 4)
@@ -102,6 +103,12 @@ def test_every_row_has_the_students_conversation_and_its_exact_tokens(published)
                           - np.asarray(row["log_q"], np.float64))
         assert row["log_importance_weight"] == pytest.approx(expected, abs=1e-9)
     assert tokenizer.eos_token_id in table["token_ids"][0].as_py()
+    weights = table["log_importance_weight"].to_numpy()
+    scaled = np.exp(weights - weights.max())
+    (rows, share), = read_catalog(published["data_dir"] / "catalog.duckdb",
+                                  "SELECT rows, effective_sample_share FROM importance_by_dataset")
+    assert rows == table.num_rows
+    assert share == pytest.approx(scaled.sum() ** 2 / (rows * (scaled ** 2).sum()), rel=1e-9)
 
 
 def test_the_partition_card_holds_the_resolved_config_counts_and_histogram(published):
