@@ -97,16 +97,23 @@ def check_kernels() -> dict:
                                                   generator=generator) * 3).bfloat16()
     config = mixing.MixingConfig(alpha_method="kl_symmetry")
     ranks = torch.arange(rows, device="cuda")
-    timings, draws = {}, {}
-    for backend in ("fused", "torch"):
-        mixing.BACKEND = backend
+    graphed = mixing.GraphedMixing(vocab, rows)
+    steps = {"fused": lambda: mixing.mix_and_draw(teacher, theta, vocab, config, 1, ranks),
+             "torch": lambda: mixing.mix_and_draw(teacher, theta, vocab, config, 1, ranks),
+             "graphed": lambda: graphed(teacher, theta, None, config, 1, ranks)[0]}
+    timings, host_ms, draws = {}, {}, {}
+    for backend, step in steps.items():
+        mixing.BACKEND = "torch" if backend == "torch" else "fused"
         for _ in range(3):
-            mixing.mix_and_draw(teacher, theta, vocab, config, 1, ranks)
+            step()
+        torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        host_start = time.perf_counter()
         start.record()
         for _ in range(20):
-            draws[backend] = mixing.mix_and_draw(teacher, theta, vocab, config, 1, ranks)
+            draws[backend] = step()
         stop.record()
+        host_ms[backend] = 1e3 * (time.perf_counter() - host_start) / 20
         torch.cuda.synchronize()
         timings[backend] = start.elapsed_time(stop) / 20
     mixing.BACKEND = "auto"
@@ -116,6 +123,10 @@ def check_kernels() -> dict:
     log_q = mixing.mixture_log_probs(log_t, log_s, fused.alpha, config)
     picked = fused.token_ids[:, None]
     return {"rows": rows, "vocab": vocab, "ms_per_step": timings,
+            "host_ms_per_step": host_ms,
+            "graphed_equals_fused": bool(
+                torch.equal(draws["graphed"].token_ids, fused.token_ids)
+                and torch.equal(draws["graphed"].alpha, fused.alpha)),
             "max_abs_alpha_difference": float((fused.alpha - draws["torch"].alpha).abs().max()),
             "max_abs_log_q_difference": float(
                 (fused.log_q - log_q.gather(1, picked).squeeze(1)).abs().max())}
@@ -140,6 +151,45 @@ def check_stops(pair, requests, config) -> dict:
             "tokens_checked": pair.tokens_checked - checked_before}
 
 
+def _busy_ms(trace_path: Path) -> float:
+    """Milliseconds in which the device ran a kernel, copy or fill (union over streams)."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e3
+
+
+def measure_device_busy(pair, requests, config, batch: int) -> dict:
+    """Device-busy time of a decode step (the physical limit: both forwards, the mixing and
+    the forced sampling, with no host gaps), from two profiled runs that differ only in
+    length, so the prefill step cancels."""
+    import torch
+
+    lengths, busy, steps = (32, 96), [], []
+    try:
+        for length in lengths:
+            before = pair.steps_run
+            with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+                pair.generate(requests(batch, length), config, seed=4, show_progress=False)
+                torch.cuda.synchronize()
+            steps.append(pair.steps_run - before)
+            trace = Path(f"/tmp/device-busy-{length}.json")
+            profiler.export_chrome_trace(str(trace))
+            busy.append(_busy_ms(trace))
+    except Exception as error:  # noqa: BLE001 - a diagnostic; the run's figures stand without it
+        logger.exception("device-busy profile failed")
+        return {"error": repr(error)}
+    per_step = (busy[1] - busy[0]) / (steps[1] - steps[0])
+    return {"batch": batch, "runs_new_tokens": lengths, "steps": steps, "busy_ms": busy,
+            "decode_busy_ms_per_step": per_step, "limit_tok_per_s": 1e3 * batch / per_step}
+
+
 def run_mixed(args: argparse.Namespace) -> dict:
     from sampler.lockstep import LockstepPair, PairRequest
     from sampler.mixing import MixingConfig
@@ -162,12 +212,19 @@ def run_mixed(args: argparse.Namespace) -> dict:
     pair.generate(requests(8, 16), config, seed=0, show_progress=False)
     results, record = {}, {}
     for batch in args.batches:
+        waited_before = pair.teacher.wait_seconds + pair.theta.wait_seconds
+        steps_before = pair.steps_run
         start = time.perf_counter()
         traces = pair.generate(requests(batch, args.new_tokens), config, seed=1,
                                show_progress=False)
         seconds = time.perf_counter() - start
+        steps = pair.steps_run - steps_before
+        waited = pair.teacher.wait_seconds + pair.theta.wait_seconds - waited_before
         tokens = sum(len(t.columns) for t in traces.values())
-        results[str(batch)] = {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+        results[str(batch)] = {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds,
+                               "steps": steps, "wall_ms_per_step": 1e3 * seconds / steps,
+                               "host_busy_ms_per_step": 1e3 * (seconds - waited) / steps,
+                               "host_waiting_for_device_ms_per_step": 1e3 * waited / steps}
         logger.info("%s %s+%s batch %d: %.0f tok/s", args.arm, args.teacher, args.theta, batch,
                     tokens / seconds)
         if batch == min(args.batches):
@@ -178,6 +235,8 @@ def run_mixed(args: argparse.Namespace) -> dict:
             Path(args.tokens).write_text(json.dumps(
                 {str(i): t.columns[:, 0].astype(int).tolist() for i, t in traces.items()}))
     stops = check_stops(pair, requests, config)
+    device_busy = measure_device_busy(pair, requests, config, max(args.batches)) \
+        if overlap else None
     profile_batch, profile_tokens = max(args.batches), 256
     pair.enable_phase_timing()
     steps_before = pair.steps_run
@@ -193,7 +252,7 @@ def run_mixed(args: argparse.Namespace) -> dict:
         Path(args.record).write_text(json.dumps(record))
     return {"overlapped_steps": pair.overlapped, "throughput": results,
             "tokens_checked_in_lockstep": pair.tokens_checked, "kernels": kernels,
-            "stop_tokens_run": stops,
+            "stop_tokens_run": stops, "device_busy": device_busy,
             "profile": {"batch": profile_batch, "new_tokens": profile_tokens, "steps": steps,
                         "ms_per_step": phases_ms},
             "alpha": {"mean": float(alphas.mean()), "min": float(alphas.min()),

@@ -271,11 +271,14 @@ def _exponential_noise(seed, offsets):
 
 @triton.jit
 def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature, norm_t,
-                          norm_s, alpha, ranks, seed, scores, tokens, sums,
+                          norm_s, alpha, ranks, seed_ptr, scores, tokens, sums,
                           CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The seed is read from the device (`seed_ptr`: [1] int64), so a CUDA graph of the step
+    can be replayed with each step's seed."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
+    seed = tl.load(seed_ptr)
     norm_teacher = tl.load(norm_t + row)
     norm_theta = tl.load(norm_s + row)
     a = tl.load(alpha + row)
@@ -400,9 +403,14 @@ def solve_alpha(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, tem
 
 def draw(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperature: float,
          norms: tuple[torch.Tensor, torch.Tensor], alpha: torch.Tensor, ranks: torch.Tensor,
-         seed: int) -> tuple[torch.Tensor, ...]:
-    """One token per row from q_α (Gumbel-max): (token ids, log q(y), log t(y), log θ(y))."""
+         seed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One token per row from q_α (Gumbel-max): (token ids, log q(y), log t(y), log θ(y)).
+
+    `seed`: an int, or a [1] int64 device tensor holding it (what a captured graph reads).
+    """
     rows, device = teacher.shape[0], teacher.device
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.full((1,), seed, device=device, dtype=torch.int64)
     chunks, chunks_p2 = _chunks(vocab_size)
     scores = torch.empty(rows, chunks, device=device, dtype=torch.float32)
     chunk_tokens = torch.empty(rows, chunks, device=device, dtype=torch.int32)

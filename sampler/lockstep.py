@@ -32,19 +32,21 @@ which vLLM would refuse anyway with a message that hides the cause. Build a new 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sampler.errors import BrokenPairError, IncompatibleModelsError, LockstepError, MixingError
-from sampler.mixing import MixingConfig, mix_and_draw
+from sampler.mixing import GraphedMixing, MixedDraw, MixingConfig, mix_and_draw
 from sampler.vllm_internals import SteppedEngine, StepResult, build_llm
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,16 @@ class _StepLog:
                 for (pair, reason), start, end in zip(finish_reasons.items(), starts, ends)}
 
 
+class Alignment(NamedTuple):
+    """How one step's logit rows of the two engines correspond."""
+
+    pair_indices: np.ndarray                 # [rows] pair index of each teacher row
+    ranks: torch.Tensor                      # [rows] each teacher row's rank in pair order
+    theta_for_teacher: torch.Tensor | None   # [rows] theta row of each teacher row; None: alike
+    teacher_for_theta: torch.Tensor | None   # [rows] the inverse permutation; None: alike
+    row_position: dict[str, int]             # request id → teacher row
+
+
 class _HostCopy:
     """A device tensor on its way to the host: the copy starts now, `get` waits for it."""
 
@@ -140,7 +152,7 @@ class _Step:
     theta_output: object = None
     has_logits: bool = False
     rows: tuple[str, ...] = ()
-    pair_indices: np.ndarray | None = None
+    alignment: Alignment | None = None
     values: _HostCopy | None = None
 
 
@@ -190,7 +202,10 @@ class LockstepPair:
         self.tokens_checked = 0
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
-        self._cached_alignment: tuple | None = None
+        self._cached_alignment: tuple[tuple, Alignment] | None = None
+        #: CUDA graphs for the fused mixing (None on the CPU; set to None to launch eagerly).
+        self.graphed_mixing = (GraphedMixing(vocab_size, self.max_active)
+                               if teacher.device.type == "cuda" else None)
         self.failure: BaseException | None = None
 
     @classmethod
@@ -343,15 +358,12 @@ class LockstepPair:
         """Give theta its output, check both engines appended the drawn tokens, record them."""
         with self._phase("theta_host"):
             theta_result = self.theta.update(step.theta_plan, step.theta_output)
-            drawn: dict[str, int] = {}
-            if step.has_logits:
-                values = step.values.get()
-                drawn = dict(zip(step.rows, values[:, 0].astype(np.int64).tolist()))
-                appended = np.fromiter((row in teacher_result.new_token_ids for row in step.rows),
-                                       dtype=bool, count=len(step.rows))
-                _check_mixable(step.number, step.pair_indices[appended], values[appended])
-                run.log.add(step.pair_indices[appended], values[appended])
-            self._check_updates(step.number, drawn, teacher_result, theta_result, run.active)
+            values = step.values.get() if step.has_logits else None
+            appended = self._check_updates(step, values, teacher_result, theta_result, run.active)
+            if values is not None:
+                pair_indices = step.alignment.pair_indices
+                _check_mixable(step.number, pair_indices[appended], values[appended])
+                run.log.add(pair_indices[appended], values[appended])
             run.progress.update(len(teacher_result.finish_reasons))
 
     def _admit(self, run: _Run) -> dict[str, PairRequest]:
@@ -420,26 +432,33 @@ class LockstepPair:
         theta_logits, theta_rows = self.theta.pending_logits()
         device = teacher_logits.device
         step.rows = tuple(teacher_rows)
-        alignment = self._alignment(step.rows, tuple(theta_rows), device)
-        step.pair_indices, rank_in_pair_order, theta_for_teacher, teacher_for_theta = alignment
-        if theta_for_teacher is not None:
-            theta_logits = theta_logits[theta_for_teacher]
+        step.alignment = alignment = self._alignment(step.rows, tuple(theta_rows), device)
         with self._phase("mixing", device):
-            draw = mix_and_draw(teacher_logits, theta_logits, self.vocab_size, config, seed,
-                                rank_in_pair_order)
+            draw, record = self._mix(teacher_logits, theta_logits, alignment, config, seed)
         with self._phase("sample", device):
             step.teacher_output = self.teacher.sample_forced(draw.token_ids)
             step.theta_output = self.theta.sample_forced(
-                draw.token_ids if teacher_for_theta is None
-                else draw.token_ids[teacher_for_theta])
-            step.values = _HostCopy(torch.stack(
-                [draw.token_ids.double(), draw.alpha.double(), draw.log_q.double(),
-                 draw.log_teacher.double(), draw.log_theta.double()], dim=1))
+                draw.token_ids if alignment.teacher_for_theta is None
+                else draw.token_ids[alignment.teacher_for_theta])
+            step.values = _HostCopy(record)
+
+    def _mix(self, teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
+             alignment: Alignment, config: MixingConfig, seed: int
+             ) -> tuple[MixedDraw, torch.Tensor]:
+        """The draw in teacher row order and its record ([rows, len(TRACE_COLUMNS)] float64)."""
+        if self.graphed_mixing is not None and self.graphed_mixing.applies(teacher_logits,
+                                                                            config):
+            return self.graphed_mixing(teacher_logits, theta_logits, alignment.theta_for_teacher,
+                                       config, seed, alignment.ranks)
+        if alignment.theta_for_teacher is not None:
+            theta_logits = theta_logits[alignment.theta_for_teacher]
+        draw = mix_and_draw(teacher_logits, theta_logits, self.vocab_size, config, seed,
+                            alignment.ranks)
+        return draw, draw.record()
 
     def _alignment(self, teacher_rows: tuple[str, ...], theta_rows: tuple[str, ...],
-                   device: torch.device) -> tuple:
-        """Pair index and rank of each teacher row, and the row permutations between engines
-        (None where both engines order their rows alike); reused while the rows are unchanged."""
+                   device: torch.device) -> Alignment:
+        """How the engines' rows correspond; reused while the rows are unchanged."""
         key = (teacher_rows, theta_rows)
         if self._cached_alignment is not None and self._cached_alignment[0] == key:
             return self._cached_alignment[1]
@@ -447,35 +466,62 @@ class LockstepPair:
             raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
         pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
         ranks = _to_device(np.argsort(np.argsort(pair_indices)), device)
+        row_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
         theta_for_teacher = teacher_for_theta = None
         if teacher_rows != theta_rows:
             theta_position = {request_id: row for row, request_id in enumerate(theta_rows)}
-            teacher_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
             theta_for_teacher = _to_device([theta_position[r] for r in teacher_rows], device)
-            teacher_for_theta = _to_device([teacher_position[r] for r in theta_rows], device)
-        alignment = (pair_indices, ranks, theta_for_teacher, teacher_for_theta)
+            teacher_for_theta = _to_device([row_position[r] for r in theta_rows], device)
+        alignment = Alignment(pair_indices, ranks, theta_for_teacher, teacher_for_theta,
+                              row_position)
         self._cached_alignment = (key, alignment)
         return alignment
 
-    def _check_updates(self, step: int, drawn: dict[str, int], teacher_result: StepResult,
-                       theta_result: StepResult, live: dict[str, PairRequest]) -> None:
+    def _check_updates(self, step: _Step, values: np.ndarray | None, teacher_result: StepResult,
+                       theta_result: StepResult, live: dict[str, PairRequest]) -> np.ndarray:
         """Raise unless both engines appended the same tokens, each one drawn for its pair at
         this step, to every pair still `live`, and finished the same pairs. Pairs that had
-        stopped a step earlier (async scheduling) are drawn for and get nothing."""
-        appended = teacher_result.new_token_ids
-        wrong = {request_id: tokens for request_id, tokens in appended.items()
-                 if tokens != [drawn.get(request_id)]}
-        skipped = [request_id for request_id in drawn
-                   if request_id not in appended and request_id in live]
-        if wrong or skipped or theta_result.new_token_ids != appended:
-            raise LockstepError(
-                f"step {step}: engines appended other tokens than drawn: drawn {drawn}, teacher "
-                f"{appended}, theta {theta_result.new_token_ids}")
+        stopped a step earlier (async scheduling) are drawn for and get nothing. Returns which
+        of the step's rows got their drawn token (vectorised: no per-row Python beyond one
+        lookup of each appended row)."""
+        if (theta_result.request_ids != teacher_result.request_ids
+                or theta_result.new_token_ids != teacher_result.new_token_ids) \
+                and theta_result.tokens_by_request() != teacher_result.tokens_by_request():
+            self._raise_wrong_tokens(step, values, teacher_result, theta_result)
+        rows = len(step.rows)
+        appended = np.zeros(rows, dtype=bool)
+        if teacher_result.request_ids:
+            if values is None or any(len(tokens) != 1
+                                     for tokens in teacher_result.new_token_ids):
+                self._raise_wrong_tokens(step, values, teacher_result, theta_result)
+            row_position = step.alignment.row_position
+            positions = np.fromiter((row_position.get(r, -1) for r in teacher_result.request_ids),
+                                    dtype=np.int64, count=len(teacher_result.request_ids))
+            if (positions < 0).any():
+                self._raise_wrong_tokens(step, values, teacher_result, theta_result)
+            tokens = np.fromiter(itertools.chain.from_iterable(teacher_result.new_token_ids),
+                                 dtype=np.int64, count=len(positions))
+            if not np.array_equal(values[positions, 0].astype(np.int64), tokens):
+                self._raise_wrong_tokens(step, values, teacher_result, theta_result)
+            appended[positions] = True
+        if any(step.rows[row] in live for row in np.flatnonzero(~appended)):
+            self._raise_wrong_tokens(step, values, teacher_result, theta_result)
         if teacher_result.finish_reasons != theta_result.finish_reasons:
-            raise LockstepError(f"step {step}: engines finished different pairs: teacher "
+            raise LockstepError(f"step {step.number}: engines finished different pairs: teacher "
                                 f"{teacher_result.finish_reasons}, theta "
                                 f"{theta_result.finish_reasons}")
-        self.tokens_checked += len(appended)
+        self.tokens_checked += len(teacher_result.request_ids)
+        return appended
+
+    @staticmethod
+    def _raise_wrong_tokens(step: _Step, values: np.ndarray | None, teacher_result: StepResult,
+                            theta_result: StepResult) -> None:
+        drawn = ({} if values is None
+                 else dict(zip(step.rows, values[:, 0].astype(np.int64).tolist())))
+        raise LockstepError(
+            f"step {step.number}: engines appended other tokens than drawn: drawn {drawn}, "
+            f"teacher {teacher_result.tokens_by_request()}, "
+            f"theta {theta_result.tokens_by_request()}")
 
     def shutdown(self) -> None:
         """Free both engines (vLLM's distributed state goes with them)."""

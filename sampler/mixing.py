@@ -53,6 +53,8 @@ from sampler.errors import ConfigError
 BACKEND = os.environ.get("SAMPLER_MIXING_BACKEND", "auto")
 
 ALPHA_METHODS = ("fixed", "kl_symmetry", "ess_balance", "entropy")
+#: Row counts of the captured mixing graphs round up to a multiple of this.
+GRAPH_ROW_BUCKET = 16
 NEWTON_STEPS_BEFORE_CHECK = 4
 #: A gap smaller than this many float32 epsilons times the magnitude of the terms it is
 #: summed from is rounding noise: its sign says nothing, so the row has converged.
@@ -108,6 +110,16 @@ class MixedDraw:
     log_q: torch.Tensor
     log_teacher: torch.Tensor
     log_theta: torch.Tensor
+
+    def record(self) -> torch.Tensor:
+        """[rows, 5] float64: token id, α, log q(y), log t(y), log θ(y) (the lockstep's
+        TRACE_COLUMNS), one device tensor so that one copy brings a step to the host."""
+        return torch.stack([self.token_ids.double(), self.alpha.double(), self.log_q.double(),
+                            self.log_teacher.double(), self.log_theta.double()], dim=1)
+
+    def head(self, rows: int) -> MixedDraw:
+        return MixedDraw(self.token_ids[:rows], self.alpha[:rows], self.log_q[:rows],
+                         self.log_teacher[:rows], self.log_theta[:rows])
 
 
 def tempered_log_probs(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
@@ -325,6 +337,81 @@ def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab
     )
 
 
+@dataclass
+class _CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    draw: MixedDraw
+    record: torch.Tensor
+
+
+class GraphedMixing:
+    """The fused mixing of a step replayed from one CUDA graph per (row bucket, config).
+
+    The fused path is ~60 small kernel launches a step (normalisers, the solver's fixed
+    schedule, the draw); launching them cost the host 1–3 ms a step, which the lockstep
+    cannot hide where the host bounds the step. Here a step is a few copies and one replay.
+    The logits are copied into static buffers (rows past the live ones keep earlier finite
+    values; their results are never read) and the seed is read from the device, so the
+    replayed kernels compute exactly what `mix_and_draw` computes. The returned draw and
+    record are static buffers, valid until the next call: the lockstep reads them in stream
+    order before then.
+    """
+
+    def __init__(self, vocab_size: int, max_rows: int):
+        self.vocab_size = vocab_size
+        self.capacity = -(-max_rows // GRAPH_ROW_BUCKET) * GRAPH_ROW_BUCKET
+        self._layout: tuple | None = None
+        self._graphs: dict[tuple[int, MixingConfig], _CapturedStep] = {}
+
+    def applies(self, logits: torch.Tensor, config: MixingConfig) -> bool:
+        return logits.is_cuda and _use_fused(logits, config) and logits.shape[0] <= self.capacity
+
+    def __call__(self, teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
+                 theta_for_teacher: torch.Tensor | None, config: MixingConfig, seed: int,
+                 ranks: torch.Tensor) -> tuple[MixedDraw, torch.Tensor]:
+        """`mix_and_draw` of the teacher rows with theta's rows `theta_for_teacher` (None:
+        in the same order), and `MixedDraw.record()` of it."""
+        rows = teacher_logits.shape[0]
+        layout = (teacher_logits.dtype, teacher_logits.shape[1], theta_logits.dtype,
+                  theta_logits.shape[1], teacher_logits.device)
+        if layout != self._layout:
+            self._allocate(layout)
+        self._teacher[:rows].copy_(teacher_logits)
+        if theta_for_teacher is None:
+            self._theta[:rows].copy_(theta_logits)
+        else:
+            torch.index_select(theta_logits, 0, theta_for_teacher, out=self._theta[:rows])
+        self._ranks[:rows].copy_(ranks)
+        self._seed.fill_(seed)
+        bucket = -(-rows // GRAPH_ROW_BUCKET) * GRAPH_ROW_BUCKET
+        captured = self._graphs.get((bucket, config)) or self._capture(bucket, config)
+        captured.graph.replay()
+        return captured.draw.head(rows), captured.record[:rows]
+
+    def _allocate(self, layout: tuple) -> None:
+        teacher_dtype, teacher_width, theta_dtype, theta_width, device = layout
+        self._graphs.clear()
+        self._teacher = torch.zeros(self.capacity, teacher_width, dtype=teacher_dtype,
+                                    device=device)
+        self._theta = torch.zeros(self.capacity, theta_width, dtype=theta_dtype, device=device)
+        self._ranks = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self._seed = torch.zeros(1, dtype=torch.long, device=device)
+        self._layout = layout
+
+    def _capture(self, bucket: int, config: MixingConfig) -> _CapturedStep:
+        def step() -> tuple[MixedDraw, torch.Tensor]:
+            draw = _fused_mix_and_draw(self._teacher[:bucket], self._theta[:bucket],
+                                       self.vocab_size, config, self._seed, self._ranks[:bucket])
+            return draw, draw.record()
+
+        step()  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            draw, record = step()
+        captured = self._graphs[(bucket, config)] = _CapturedStep(graph, draw, record)
+        return captured
+
+
 def _use_fused(logits: torch.Tensor, config: MixingConfig) -> bool:
     if BACKEND == "torch":
         return False
@@ -335,9 +422,10 @@ def _use_fused(logits: torch.Tensor, config: MixingConfig) -> bool:
 
 
 def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
-                        vocab_size: int, config: MixingConfig, seed: int, ranks: torch.Tensor
-                        ) -> MixedDraw:
-    """Steps 1–7 by the fused kernels: no host synchronisation at all."""
+                        vocab_size: int, config: MixingConfig, seed: int | torch.Tensor,
+                        ranks: torch.Tensor) -> MixedDraw:
+    """Steps 1–7 by the fused kernels: no host synchronisation at all (`seed` may be a [1]
+    int64 device tensor)."""
     from sampler import fused_mixing
 
     temperature, rows = config.temperature, teacher_logits.shape[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -84,10 +85,15 @@ def build_llm(model: str, engine_args: dict[str, Any], overlap_steps: bool) -> A
 
 @dataclass
 class StepResult:
-    """What one engine reports after a step: per request, its tokens and finish reason."""
+    """What one engine reports after a step, one entry per request that got output, in the
+    engine's order: its id and new tokens; and the finish reason of each finished request."""
 
-    new_token_ids: dict[str, list[int]]
+    request_ids: list[str]
+    new_token_ids: list[list[int]]
     finish_reasons: dict[str, str]
+
+    def tokens_by_request(self) -> dict[str, list[int]]:
+        return dict(zip(self.request_ids, self.new_token_ids))
 
 
 class SteppedEngine:
@@ -110,6 +116,9 @@ class SteppedEngine:
         self.logits_width: int = config.model_config.get_vocab_size()
         self.device: torch.device = torch.device(self._runner.device)
         self.overlaps_steps: bool = bool(config.scheduler_config.async_scheduling)
+        #: Host seconds spent blocked until a step's sampled tokens reached the host: near
+        #: zero when the host, not the device, bounds the step.
+        self.wait_seconds: float = 0.0
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
                     stop_token_ids: list[int]) -> None:
@@ -163,15 +172,16 @@ class SteppedEngine:
         """Hand a step's output (or its future) back to the scheduler; report tokens and
         finished requests. Waits for the step's sampled tokens to reach the host."""
         if isinstance(output, Future):
+            start = time.perf_counter()
             output = output.result()
+            self.wait_seconds += time.perf_counter() - start
         engine_outputs = self._scheduler.update_from_output(scheduler_output, output)
-        result = StepResult({}, {})
-        for outputs in engine_outputs.values():
-            for item in outputs.outputs:
-                result.new_token_ids[item.request_id] = list(item.new_token_ids)
-                if item.finish_reason is not None:
-                    result.finish_reasons[item.request_id] = str(item.finish_reason)
-        return result
+        items = [item for outputs in engine_outputs.values() for item in outputs.outputs]
+        return StepResult(
+            request_ids=[item.request_id for item in items],
+            new_token_ids=[item.new_token_ids for item in items],
+            finish_reasons={item.request_id: str(item.finish_reason) for item in items
+                            if item.finish_reason is not None})
 
     def abort(self, request_ids: list[str]) -> None:
         self._core.abort_requests(request_ids)

@@ -79,7 +79,7 @@ def test_both_engines_append_identical_sequences(sampler, gsm8k_rows):
 
         def spying_update(plan, step_output, role=role, real=engine.update):
             result = real(plan, step_output)
-            for request_id, tokens in result.new_token_ids.items():
+            for request_id, tokens in result.tokens_by_request().items():
                 appended[role].setdefault(request_id, []).extend(tokens)
             return result
         engine.update = spying_update
@@ -261,12 +261,13 @@ def test_rows_in_different_orders_are_aligned_by_pair(sampler):
     import torch
 
     teacher_rows, theta_rows = ("pair-7", "pair-2", "pair-5"), ("pair-2", "pair-5", "pair-7")
-    indices, ranks, theta_for_teacher, teacher_for_theta = sampler.pair._alignment(
-        teacher_rows, theta_rows, torch.device("cpu"))
+    indices, ranks, theta_for_teacher, teacher_for_theta, row_position = \
+        sampler.pair._alignment(teacher_rows, theta_rows, torch.device("cpu"))
     assert indices.tolist() == [7, 2, 5] and ranks.tolist() == [2, 0, 1]
+    assert row_position == {"pair-7": 0, "pair-2": 1, "pair-5": 2}
     assert [theta_rows[i] for i in theta_for_teacher.tolist()] == list(teacher_rows)
     assert [teacher_rows[i] for i in teacher_for_theta.tolist()] == list(theta_rows)
     same = sampler.pair._alignment(teacher_rows, teacher_rows, torch.device("cpu"))
-    assert same[2] is None and same[3] is None
+    assert same.theta_for_teacher is None and same.teacher_for_theta is None
     with pytest.raises(Exception, match="logit rows differ"):
         sampler.pair._alignment(("pair-1",), ("pair-3",), torch.device("cpu"))
