@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sampler.errors import ConfigError
 from sampler.mixing import MixingConfig
+from tasks.answer_checks import ANSWER_CHECKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS_DIR = REPO_ROOT / "flows" / "datasets"
@@ -118,8 +119,6 @@ class CurationConfig(Strict):
 
     @model_validator(mode="after")
     def _known_checker(self) -> CurationConfig:
-        from tasks.answer_checks import ANSWER_CHECKS
-
         if self.answer_check is not None and self.answer_check not in ANSWER_CHECKS:
             raise ValueError(f"curation.answer_check {self.answer_check!r} is not one of "
                              f"{sorted(ANSWER_CHECKS)}")

@@ -67,12 +67,14 @@ def train_split(data_files: list[str]) -> list[dict[str, object]]:
     return [{"split": "train", "path": list(data_files)}]
 
 
+def columns_without(columns: list[str], names: tuple[str, ...]) -> list[str]:
+    return [column for column in columns if column not in names]
+
+
 def header(parts: list[CardPart], columns: list[str], data_files: list[str], rows: int) -> str:
     """The YAML front matter; three configs over the same files, each with the columns of one
     way of training (TRL's SFTTrainer takes input_ids over prompt/completion over messages)."""
     card = parts[0].facts.card
-    every = list(columns)
-    without = lambda names: [c for c in every if c not in names]  # noqa: E731
     meta = {
         "license": card["license"],
         "language": card["language"],
@@ -84,9 +86,9 @@ def header(parts: list[CardPart], columns: list[str], data_files: list[str], row
         "configs": [
             {"config_name": "default", "data_files": train_split(data_files), "default": True},
             {"config_name": "messages", "data_files": train_split(data_files),
-             "columns": without((*TOKEN_COLUMNS, *CONVERSATION_COLUMNS))},
+             "columns": columns_without(columns, (*TOKEN_COLUMNS, *CONVERSATION_COLUMNS))},
             {"config_name": "prompt_completion", "data_files": train_split(data_files),
-             "columns": without((*TOKEN_COLUMNS, "messages"))},
+             "columns": columns_without(columns, (*TOKEN_COLUMNS, "messages"))},
         ],
     }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"

@@ -71,7 +71,10 @@ def read_partition(partition: Partition, dataset: str) -> tuple[pa.Table, CardPa
     """A partition's rows with `dataset` and `run_date` added, and what its card says."""
     table = pq.read_table(partition.path)
     metadata = table.schema.metadata or {}
-    facts = PartitionFacts.from_metadata(metadata, str(partition.path))
+    try:
+        facts = PartitionFacts.from_metadata(metadata, str(partition.path))
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     rows = table.num_rows
     table = table.append_column("dataset", pa.array([dataset] * rows, pa.string()))
     table = table.append_column("run_date", pa.array([partition.run_date] * rows, pa.date32()))
@@ -104,11 +107,11 @@ def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date]
             write_atomically(rows.replace_schema_metadata(file_metadata), staging / name,
                              "export")
             offset += table.num_rows
-        dates = " ".join(f"--run-date {d}" for d in sorted({str(p.run_date)
-                                                             for p in partitions}))
+        dates = sorted({p.run_date.isoformat() for p in partitions})
         commands = [*(f"python -m flows.distill --dataset {dataset} --run-date {d}"
-                      for d in sorted({str(p.run_date) for p in partitions})),
-                    f"python -m flows.export --dataset {dataset} --out {out.name} {dates}"]
+                      for d in dates),
+                    f"python -m flows.export --dataset {dataset} --out {out.name} "
+                    + " ".join(f"--run-date {d}" for d in dates)]
         card = render_card([part for _, part in read], every, names, commands)
         write_text_atomically(card, staging / "README.md", "export-card")
         _swap_in(staging, out)

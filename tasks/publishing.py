@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Curated:
+    """The rows to publish and how many curation left out, for the card."""
+
     table: pa.Table
     left_out_truncated: int     # stopped at max_tokens, with curation.keep_truncated off
     left_out_answer: int        # rejected by the dataset's answer check
@@ -83,6 +85,7 @@ def publish_partition(table: pa.Table, path: Path, generation_settings: str,
 
 def validation_summary(settled: list[SettledShard], overall: ValidationOutcome
                        ) -> dict[str, object]:
+    """Shard outcomes and the dataset suite's result, as the card reports them."""
     statuses = [s.status for s in settled]
     return {"shards_passed": sum(s.passed is not None for s in settled),
             "shards_quarantined": statuses.count("quarantined"),
@@ -91,6 +94,7 @@ def validation_summary(settled: list[SettledShard], overall: ValidationOutcome
 
 def partition_facts(config: DatasetConfig, ledger: RunLedger, curated: Curated, generated: int,
                     validation: dict[str, object]) -> PartitionFacts:
+    """What the partition's card says beyond its rows (kept in its Parquet metadata)."""
     generation = ledger.generation
     return PartitionFacts(
         dataset=config.name, description=config.description,

@@ -7,7 +7,8 @@ not how the tokenizer would split its text, so re-tokenising the completion give
 and the per-token α, log q, log t and log θ no longer line up. `input_ids` is therefore the
 ids the student read (its own system prompt and chat template) followed by the sampled ids,
 and `labels` the same with `IGNORE_INDEX` over the prompt: `labels[len(theta_prompt_ids) + i]`
-is `token_ids[i]`, whose α is `alpha[i]`.
+is `token_ids[i]`, whose α is `alpha[i]`. (With `prompts.chat_template: false` the student
+read plain text, its system prompt and the user text, and only `input_ids` is what it read.)
 """
 
 from __future__ import annotations
