@@ -28,6 +28,8 @@ from sampler.errors import ConfigError
 from tasks.answer_checks import gsm8k_final_answer
 from tasks.config import DATASETS_DIR, parse_dataset_config
 from tasks.dataset_card import PartitionFacts
+from tasks.export import ExportError, export_dataset
+from tasks.layout import DataDir
 from tasks.publishing import curate
 from tasks.sql import read_catalog
 from tasks.training_columns import IGNORE_INDEX
@@ -292,3 +294,14 @@ def test_a_bad_curation_config_names_the_field(curation, field):
     text = text.replace("curation:\n  keep_truncated: false", curation.rstrip("\n"))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         parse_dataset_config(text, "bad.yaml")
+
+
+def test_export_refuses_a_partition_published_before_cards_naming_it(tmp_path):
+    data = DataDir(tmp_path / "data")
+    old = data.partition("demo", "0123456789abcdef", date(2026, 1, 1))
+    old.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt_id": ["a"], "completion": ["#### 5"]}), old)
+    with pytest.raises(ExportError, match=f"{old}: no distill.card metadata; it was published "
+                                          "before dataset cards existed"):
+        export_dataset(data, "demo", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
