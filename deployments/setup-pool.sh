@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Creates what the deployments run on: a process work pool and a tag concurrency limit of one
-# generation task per GPU (generate-shard tasks carry the tag `gpu`). Idempotent.
+# Creates the work pools the deployments run on (idempotent):
+#   distill-pool  the distill flows (staging, planning, validation, publishing; CPU work)
+#   distill-gpu   the GPU workers' share of each run (flows/shard_worker.py): start one worker
+#                 per GPU with deployments/start-gpu-workers.sh on every GPU machine.
+# A worker started with --limit 1 runs one flow run at a time, so each GPU holds one engine
+# pair at a time whatever runs are queued.
 set -euo pipefail
-gpus="${GPUS:-1}"
 prefect work-pool create distill-pool --type process --overwrite
-prefect concurrency-limit delete gpu >/dev/null 2>&1 || true
-prefect concurrency-limit create gpu "$gpus"
+prefect work-pool create distill-gpu --type process --overwrite

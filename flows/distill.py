@@ -20,16 +20,15 @@ from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, as_completed
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from sampler.errors import IncompatibleModelsError
 from tasks.atomic_files import remove_stale_temporaries
 from tasks.config import REPO_ROOT, DatasetConfig, load_dataset_config
-from tasks.generation import check_models, generate_shard, resolve_models
+from tasks.fan_out import generate_in_process, generate_on_workers
+from tasks.generation import check_models, resolve_models
 from tasks.layout import DataDir
 from tasks.ledger import RunLedger
 from tasks.lineage import describe_generation
@@ -49,20 +48,24 @@ class RunFailed(RuntimeError):
 
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int = 64,
-            data_dir: str | None = None, lock_wait_seconds: float = 0.0) -> dict:
+            data_dir: str | None = None, lock_wait_seconds: float = 0.0,
+            fan_out: str | None = None, workers: int | None = None) -> dict:
     """Generate, validate and publish one dataset's partition for `run_date` (default today).
 
     A second run of the same dataset and date waits up to `lock_wait_seconds` for the first,
-    then is refused (`RunLocked`).
+    then is refused (`RunLocked`). With `fan_out` (a deployment of flows/shard_worker.py, e.g.
+    "generate-shards/gpu") the shards go to that deployment's GPU workers, in `workers` shares
+    (default: one per worker online); otherwise they are generated in this process.
     """
     config = load_dataset_config(dataset)
     run_date = run_date or date.today()
     data = DataDir(Path(data_dir or DEFAULT_DATA_DIR).resolve())
     with run_lock(data.root, config.name, run_date, lock_wait_seconds):
-        return _run(config, run_date, data, shard_size)
+        return _run(config, run_date, data, shard_size, fan_out, workers)
 
 
-def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int) -> dict:
+def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
+         fan_out: str | None, workers: int | None) -> dict:
     """The five steps, run while holding the (dataset, date) lock; the ledger records them."""
     if removed := remove_stale_temporaries(data.shards, data.published):
         get_run_logger().info("removed %d temporary files left by crashed writers", removed)
@@ -75,11 +78,13 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int) 
         ledger.begin(describe_generation(config, resolve_models(config, data.root)))
         prompts = stage_prompts(ledger, config)
         shards = plan_shards(ledger, prompts, config, shard_size)
-        futures = generate_shard.map(shards, config=unmapped(config),
-                                     generation=unmapped(ledger.generation),
-                                     run_id=unmapped(ledger.run_id), data=unmapped(data))
-        _show_progress(futures, ledger.run_id)
-        settled = [settle_shard(s, f, config, ledger) for s, f in zip(shards, futures)]
+        if fan_out:
+            outcomes = generate_on_workers(shards, config, ledger.generation, ledger.run_id,
+                                           data, fan_out, workers)
+        else:
+            outcomes = generate_in_process(shards, config, ledger.generation, ledger.run_id,
+                                           data)
+        settled = [settle_shard(s, o, config, ledger) for s, o in zip(shards, outcomes)]
         publication = publish_passed(settled, prompts, config, ledger)
         summary = summarize(ledger, settled, publication)
         ledger.finish(summary.status, summary.rows_published,
@@ -90,13 +95,6 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int) 
     return asdict(summary)
 
 
-def _show_progress(futures: list[PrefectFuture], run_id: str) -> None:
-    """A progress artifact that fills as shards finish."""
-    progress = create_progress_artifact(0.0, description=f"Shards of {run_id} generated")
-    for done, _ in enumerate(as_completed(futures), start=1):
-        update_progress_artifact(progress, 100.0 * done / len(futures))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the distillation flow for one dataset.")
     parser.add_argument("--dataset", default="demo")
@@ -104,10 +102,14 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--lock-wait-seconds", type=float, default=0.0)
+    parser.add_argument("--fan-out", default=None,
+                        help="deployment of flows/shard_worker.py whose GPU workers generate")
+    parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     result = distill(dataset=args.dataset, run_date=args.run_date, shard_size=args.shard_size,
-                     data_dir=args.data_dir, lock_wait_seconds=args.lock_wait_seconds)
+                     data_dir=args.data_dir, lock_wait_seconds=args.lock_wait_seconds,
+                     fan_out=args.fan_out, workers=args.workers)
     print(json.dumps(result, indent=1, default=str))
 
 

@@ -58,6 +58,11 @@ class EngineCache:
                     self._discard()
                 raise
 
+    def release(self) -> None:
+        """Free the pair (its device memory) now, e.g. before a worker's process ends."""
+        with self._lock:
+            self._discard()
+
     def _discard(self) -> None:
         sampler, self._sampler, self._key = self._sampler, None, None
         if sampler is not None:

@@ -2,6 +2,7 @@
 
     catalog.duckdb                                   the warehouse (tables and views)
     shards/<dataset>/<key>.parquet                   generated shards, reused by key
+    work/<run id>.json                               a run's shards, for GPU workers to read
     published/dataset=<d>/generation=<g>/run_date=<date>/data.parquet
     quarantine/<dataset>/<run id>/<key>.parquet      shards that failed validation
     gx/, validation/<run id>/, reports/<run id>/     GX context, results, run reports
@@ -41,6 +42,9 @@ class DataDir:
 
     def shard(self, dataset: str, key: str) -> Path:
         return self.shards / dataset / f"{key}.parquet"
+
+    def work_order(self, run_id: str) -> Path:
+        return self.root / "work" / f"{run_id}.json"
 
     def quarantined(self, dataset: str, run_id: str, name: str) -> Path:
         return self.root / "quarantine" / dataset / run_id / name

@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect.futures import PrefectFuture
 
 from tasks.config import DatasetConfig
 from tasks.generation import ShardOutcome
@@ -49,14 +48,12 @@ def quarantine(path: Path, ledger: RunLedger) -> Path:
     return target
 
 
-def settle_shard(shard: Shard, future: PrefectFuture, config: DatasetConfig,
+def settle_shard(shard: Shard, outcome: ShardOutcome | BaseException, config: DatasetConfig,
                  ledger: RunLedger) -> SettledShard:
-    """Wait for a shard's generation, then check it, and record the outcome."""
-    try:
-        outcome = future.result()
-    except Exception as error:  # noqa: BLE001 - reported per shard, the others go on
+    """Check a shard's generation (or its failure), and record the outcome."""
+    if isinstance(outcome, BaseException):
         settled = SettledShard(shard, "failed", 0, None, None,
-                               f"shard {shard.index} failed: {error}"[:2000])
+                               f"shard {shard.index} failed: {outcome}"[:2000])
     else:
         settled = check_shard(outcome, config, ledger)
     ledger.record_shard(index=shard.index, key=shard.key, sample_round=shard.sample_round,

@@ -1,0 +1,42 @@
+"""The child flow a GPU worker runs: its share of a run's shards, on one engine pair.
+
+Deployed on a work pool with one worker per GPU (deployments/prefect.yaml,
+deployments/start-gpu-workers.sh); the distill flow starts one run of it per worker when its
+`fan_out` parameter names this deployment (tasks/fan_out.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from tasks.engines import ENGINES
+from tasks.fan_out import read_work_order
+from tasks.generation import generate_shard
+from tasks.layout import DataDir
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards of the share failed; the others were written."""
+
+
+@flow(name="generate-shards")
+def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int:
+    """Generate the shards `shard_keys` of run `run_id` one after another; the engine pair is
+    built for the first and kept for the rest. Returns how many were generated or reused."""
+    data = DataDir(Path(data_dir))
+    order = read_work_order(data, run_id)
+    failures = []
+    try:
+        for shard in order.select(shard_keys):
+            try:
+                generate_shard(shard, order.config, order.generation, run_id, data)
+            except Exception as error:  # noqa: BLE001 - the share's other shards go on
+                failures.append(f"shard {shard.index}: {error}")
+    finally:
+        ENGINES.release()
+    if failures:
+        raise ShardsFailed("; ".join(failures))
+    get_run_logger().info("%d shards of run %s done", len(shard_keys), run_id)
+    return len(shard_keys)

@@ -1,0 +1,149 @@
+"""Shards fanned out over two Prefect process workers, the CPU stand-ins for two GPUs.
+
+The workers are real `prefect worker start --limit 1` processes on the pool that
+deployments/setup-pool.sh creates, running the `generate-shards/gpu` deployment that
+`prefect deploy` reads from deployments/prefect.yaml; the distill flow starts their child runs
+with `run_deployment`. A worker's crash is real: a crash point kills its flow run's process
+with SIGKILL while a shard file is written (tasks/faults.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.objects import FlowRun
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.distill import distill
+from tasks.config import DATASETS_DIR, REPO_ROOT
+
+RUN_DATE = date(2026, 3, 1)
+SHARD_SIZE = 2                 # the demo's 12 prompts in 6 shards, 3 to each worker
+DEPLOYMENT = "generate-shards/gpu"
+PROVENANCE = {"generated_run_id", "generated_at", "published_run_id", "published_at",
+              "generated_dirty"}
+
+
+@pytest.fixture(scope="module")
+def api_url(tiny_pair) -> Iterator[str]:
+    os.environ["DISTILL_TINY_MODELS_DIR"] = str(Path(tiny_pair[0]).parent)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def prefect_env(api_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") and k != "DISTILL_CRASH_AT"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, "PATH": path, "PREFECT_API_URL": api_url, "DISTILL_REPO": str(REPO_ROOT),
+            "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def deployment(api_url) -> str:
+    """The pools and the GPU workers' deployment, made by the project's own scripts."""
+    env = prefect_env(api_url)
+    for command in (["bash", "deployments/setup-pool.sh"],
+                    [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+                     "deployments/prefect.yaml", "--name", "gpu"]):
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return DEPLOYMENT
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    """The demo's config with 32-token samples (it draws 256), kept although they stop at
+    max_tokens: these tests are about workers."""
+    text = (DATASETS_DIR / "demo.yaml").read_text()
+    assert "max_tokens: 256" in text and "keep_truncated: false" in text
+    path = tmp_path_factory.mktemp("config") / "demo.yaml"
+    path.write_text(text.replace("max_tokens: 256", "max_tokens: 32").replace(
+        "keep_truncated: false", "keep_truncated: true"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_process(api_url, demo, tmp_path_factory) -> pa.Table:
+    """What one engine pair in one process publishes for the date."""
+    data_dir = tmp_path_factory.mktemp("one-process")
+    summary = distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
+                      data_dir=str(data_dir))
+    return published(data_dir, summary)
+
+
+@contextmanager
+def workers(api_url: str, logs: Path, crash_first_at: str | None = None) -> Iterator[None]:
+    """Two workers on distill-gpu, each one flow run at a time; the first one's flow runs
+    die at `crash_first_at` (a crash point) if given."""
+    processes = []
+    for index in range(2):
+        extra = {"DISTILL_CRASH_AT": crash_first_at} if crash_first_at and index == 0 else {}
+        log = (logs / f"worker-{index}.log").open("w")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "distill-gpu",
+             "--limit", "1", "--name", f"cpu-worker-{index}"],
+            cwd=REPO_ROOT, env=prefect_env(api_url, **extra), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        yield
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def published(data_dir: Path, summary: dict) -> pa.Table:
+    path = (data_dir / "published" / "dataset=demo" / f"generation={summary['generation']}"
+            / f"run_date={RUN_DATE}" / "data.parquet")
+    table = pq.read_table(path)
+    return table.drop_columns([c for c in table.column_names if c in PROVENANCE]).sort_by(
+        [("prompt_id", "ascending"), ("sample_index", "ascending")])
+
+
+def child_runs(run_id: str) -> list[FlowRun]:
+    """The GPU shares of a run: child flow runs named after the run (tasks/fan_out.py)."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(like_=run_id)))
+
+
+def test_two_workers_share_a_run_and_one_killed_mid_shard_loses_nothing(
+        api_url, deployment, demo, one_process, tmp_path):
+    """Round 1 gives each worker 3 shards; the first worker's process dies writing its 2nd,
+    round 2 deals the 2 shards it left over both workers."""
+    data_dir = tmp_path / "data"
+    with workers(api_url, tmp_path, crash_first_at="shard-write:2"):
+        summary = distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
+                          data_dir=str(data_dir), fan_out=deployment, workers=2)
+
+    assert summary["status"] == "published", summary
+    rows = published(data_dir, summary)
+    assert rows.equals(one_process), "the fanned-out run published other rows"
+    assert rows.num_rows == len(set(zip(rows["prompt_id"].to_pylist(),
+                                        rows["sample_index"].to_pylist()))) == 12
+    children = {run.name.removeprefix(summary["run_id"] + "-"): run
+                for run in child_runs(summary["run_id"])}
+    first_round = [run for name, run in children.items() if name.startswith("r1-")]
+    assert sorted(run.state.name for run in first_round) == ["Completed", "Crashed"]
+    early, late = sorted(first_round, key=lambda run: run.start_time)
+    assert late.start_time < early.end_time, "the two shares did not run at the same time"
+    second_round = [run for name, run in children.items() if name.startswith("r2-")]
+    assert [run.state.name for run in second_round] == ["Completed", "Completed"]
+    assert len(list((data_dir / "shards" / "demo").glob("*.parquet"))) == 6
+    left = list((data_dir / "shards").rglob(".*.tmp"))
+    assert len(left) == 1, f"expected the killed writer's temporary file alone: {left}"
