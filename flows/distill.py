@@ -72,10 +72,10 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
     ledger = RunLedger(data, config, run_date, str(flow_run.get_id() or "local"))
     with ledger.failure_recorded():
         try:
-            check_models(config, data.root)
+            check_models(config)
         except IncompatibleModelsError as error:
             raise RunFailed(f"run {ledger.run_id}: {error}") from error
-        ledger.begin(describe_generation(config, resolve_models(config, data.root)))
+        ledger.begin(describe_generation(config, resolve_models(config)))
         prompts = stage_prompts(ledger, config)
         shards = plan_shards(ledger, prompts, config, shard_size)
         if fan_out:

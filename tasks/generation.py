@@ -62,15 +62,15 @@ class ShardOutcome:
 
 
 @task(name="check-models")
-def check_models(config: DatasetConfig, data_dir: Path) -> None:
+def check_models(config: DatasetConfig) -> None:
     """Both models loadable and compatible, checked once before any shard: a missing model
     fails the run in seconds with one message naming its field, not once per shard."""
     from sampler.models import resolve_pair
 
-    resolve_pair(*resolve_models(config, data_dir), chat_template=config.prompts.chat_template)
+    resolve_pair(*resolve_models(config), chat_template=config.prompts.chat_template)
 
 
-def resolve_models(config: DatasetConfig, data_dir: Path) -> tuple[str, str]:
+def resolve_models(config: DatasetConfig) -> tuple[str, str]:
     """Checkpoint paths; `tiny:teacher` / `tiny:theta` name the committed trained pair
     (`models/tiny`, or the folder in DISTILL_TINY_MODELS_DIR)."""
     names = (config.models.teacher, config.models.theta)
