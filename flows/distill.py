@@ -57,6 +57,8 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
     "generate-shards/gpu") the shards go to that deployment's GPU workers, in `workers` shares
     (default: one per worker online); otherwise they are generated in this process.
     """
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers: {workers}; give at least 1, or none for one per worker online")
     config = load_dataset_config(dataset)
     run_date = run_date or date.today()
     data = DataDir(Path(data_dir or DEFAULT_DATA_DIR).resolve())
@@ -85,7 +87,7 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
             outcomes = generate_in_process(shards, config, ledger.generation, ledger.run_id,
                                            data)
         settled = [settle_shard(s, o, config, ledger) for s, o in zip(shards, outcomes)]
-        publication = publish_passed(settled, prompts, config, ledger)
+        publication = publish_passed(settled, prompts, config, ledger, shard_size)
         summary = summarize(ledger, settled, publication)
         ledger.finish(summary.status, summary.rows_published,
                       "; ".join(summary.problems) or None)

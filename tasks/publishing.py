@@ -120,8 +120,9 @@ class Publication:
 
 @task(name="publish-partition")
 def publish_passed(settled: list[SettledShard], prompts: list[StagedPrompt],
-                   config: DatasetConfig, ledger: RunLedger) -> Publication:
+                   config: DatasetConfig, ledger: RunLedger, shard_size: int) -> Publication:
     """Publish the shards that passed as this date's partition, unless a gate says no.
+    `shard_size` goes into the card's reproduce command: shards (and so seeds) depend on it.
 
     A date with nothing new (every prompt's first samples are published elsewhere, no
     samples_per_run) publishes nothing and has no problem.
@@ -157,7 +158,7 @@ def publish_passed(settled: list[SettledShard], prompts: list[StagedPrompt],
                             validation_summary(settled, overall))
     publish_partition(curated.table, path, ledger.generation.settings, facts,
                       f"python -m flows.distill --dataset {config.name} "
-                      f"--run-date {ledger.run_date.isoformat()}")
+                      f"--run-date {ledger.run_date.isoformat()} --shard-size {shard_size}")
     ledger.mark_published([p.version for s in passed if s.shard.sample_round == FIRST_ROUND
                            for p in s.shard.prompts])
     ledger.refresh_views()

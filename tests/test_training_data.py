@@ -126,7 +126,7 @@ def test_the_partition_card_holds_the_resolved_config_counts_and_histogram(publi
                  (published["theta"] / "chat_template.jinja").read_text().rstrip("\n"),
                  table["theta_fingerprint"][0].as_py(), table["teacher_fingerprint"][0].as_py(),
                  "`kl_symmetry`, clamped to [0.5, 1.0]", "max_tokens 256", "seed 1234",
-                 f"python -m flows.distill --dataset demo --run-date {RUN_DATE}",
+                 f"python -m flows.distill --dataset demo --run-date {RUN_DATE} --shard-size 4",
                  "| 0.500–0.550 |", f"| {RUN_DATE} | `{published['summary']['generation']}` | 12 |",
                  "passed (3/3 expectations)", "3 / 0 / 0"):
         assert text in card, text
