@@ -8,3 +8,6 @@
 set -euo pipefail
 prefect work-pool create distill-pool --type process --overwrite
 prefect work-pool create distill-gpu --type process --overwrite
+# Earlier versions limited tasks tagged `gpu` to one at a time across all workers; that limit
+# would now hold every GPU worker to one shard at a time.
+prefect concurrency-limit delete gpu >/dev/null 2>&1 || true

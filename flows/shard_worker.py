@@ -7,18 +7,40 @@ deployments/start-gpu-workers.sh); the distill flow starts one run of it per wor
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from tasks.config import DatasetConfig
 from tasks.engines import ENGINES
 from tasks.fan_out import read_work_order
-from tasks.generation import generate_shard
+from tasks.generation import generate_shard, resolve_models
 from tasks.layout import DataDir
+from tasks.lineage import Generation, describe_generation
 
 
 class ShardsFailed(RuntimeError):
     """Some shards of the share failed; the others were written."""
+
+
+class OtherGeneration(RuntimeError):
+    """This worker's code or checkpoints would make rows of another generation."""
+
+
+def check_same_generation(config: DatasetConfig, expected: Generation) -> None:
+    """Refuse the share if this machine's sampler code or checkpoints differ from the parent's:
+    its rows would carry the parent's lineage but not be what it describes."""
+    here = describe_generation(config, resolve_models(config))
+    if here.key == expected.key:
+        return
+    differences = [f"{name} {mine!r} here, {theirs!r} in the run" for name, mine, theirs in (
+        ("sampler_version", here.sampler_version, expected.sampler_version),
+        ("teacher fingerprint", here.teacher.fingerprint, expected.teacher.fingerprint),
+        ("theta fingerprint", here.theta.fingerprint, expected.theta.fingerprint))
+        if mine != theirs]
+    raise OtherGeneration(f"worker on {socket.gethostname()} makes generation {here.key}, the "
+                          f"run is generation {expected.key}: {'; '.join(differences)}")
 
 
 @flow(name="generate-shards")
@@ -27,6 +49,7 @@ def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int:
     built for the first and kept for the rest. Returns how many were generated or reused."""
     data = DataDir(Path(data_dir))
     order = read_work_order(data, run_id)
+    check_same_generation(order.config, order.generation)
     failures = []
     try:
         for shard in order.select(shard_keys):

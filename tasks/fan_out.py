@@ -13,7 +13,11 @@ runs are queued. The parent:
 3. polls the children, filling the progress artifact as shard files appear;
 4. deals the shards of children that crashed (their process died: killed, out of memory, a
    lost machine once Prefect marks it crashed) over new children, up to `MAX_ROUNDS` rounds;
-   a shard a child failed on keeps that child's error.
+   a shard a child failed on keeps that child's error (a rerun of the date redoes it);
+5. removes the work order.
+A run finds no worker online: it fails at once. A share waits in the pool while any worker
+is online (another run's share may hold the GPU), and is cancelled after
+`OFFLINE_GRACE_SECONDS` without one.
 A child builds its engine pair once, for its first shard, and keeps it for the rest. Shard
 files are written atomically and named by content, and a shard's seed comes from its content
 (`shard_seed`), so neither the number of GPUs nor which worker wrote a shard changes a row.
@@ -26,12 +30,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from prefect import unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, WorkerStatus
 from prefect.deployments import run_deployment
+from prefect.states import Cancelled
 from prefect.futures import as_completed
 from pydantic import TypeAdapter
 
@@ -46,10 +52,15 @@ logger = logging.getLogger(__name__)
 
 MAX_ROUNDS = 2
 POLL_SECONDS = 2.0
+OFFLINE_GRACE_SECONDS = 300.0
 
 
 class ShardNotGenerated(RuntimeError):
     """The child flow run that had the shard ended without writing it."""
+
+
+class NoWorkers(RuntimeError):
+    """No worker of the fan-out deployment's pool is online to take the shares."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +120,12 @@ def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: 
     default: the workers online in the deployment's pool); outcomes in shard order."""
     paths = {shard.key: data.shard(config.name, shard.key) for shard in shards}
     reused = {key for key, path in paths.items() if path.exists()}
-    write_work_order(WorkOrder(config, generation, run_id, tuple(shards)), data)
-    shares = workers or online_workers(deployment)
+    pool = work_pool_of(deployment)
+    shares = workers or online_workers(pool)
+    if not shares:
+        raise NoWorkers(f"fan_out {deployment}: no worker is online in work pool {pool}; start "
+                        f"one per GPU (deployments/start-gpu-workers.sh) or pass workers")
+    order = write_work_order(WorkOrder(config, generation, run_id, tuple(shards)), data)
     progress = _progress_bar(run_id)
     errors: dict[str, str] = {}
     pending = [shard for shard in shards if shard.key not in reused]
@@ -118,61 +133,84 @@ def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: 
         if not pending:
             break
         children = _start_children(deployment, pending, shares, data, run_id, round_number)
-        finished = _wait(children, paths, progress)
-        crashed, errors = _unwritten(finished, paths, errors)
+        finished = _wait(children, pool, paths, progress)
+        crashed = _record_unwritten(finished, paths, errors)
         pending = [shard for shard in pending if shard.key in crashed]
         if pending and round_number < MAX_ROUNDS:
             logger.warning("%d shards lost with crashed workers; dealing them out again",
                            len(pending))
+    order.unlink()
     return [ShardOutcome(shard, str(paths[shard.key]), reused=shard.key in reused)
             if paths[shard.key].exists() else ShardNotGenerated(errors[shard.key])
             for shard in shards]
 
 
-def online_workers(deployment: str) -> int:
-    """Workers online in the deployment's work pool (at least one: a share waits for one)."""
+def work_pool_of(deployment: str) -> str:
     with get_client(sync_client=True) as client:
-        pool = client.read_deployment_by_name(deployment).work_pool_name
+        return client.read_deployment_by_name(deployment).work_pool_name
+
+
+def online_workers(pool: str) -> int:
+    """Workers of `pool` that Prefect counts online (they sent a heartbeat lately)."""
+    with get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(pool)
     online = sum(worker.status == WorkerStatus.ONLINE for worker in workers)
     logger.info("%d workers online in work pool %s", online, pool)
-    return max(online, 1)
+    return online
+
+
+class Child(NamedTuple):
+    run: FlowRun              # the latest state read from the API
+    shard_keys: list[str]
 
 
 def _start_children(deployment: str, shards: list[Shard], shares: int, data: DataDir,
-                    run_id: str, round_number: int) -> dict[str, tuple[FlowRun, list[str]]]:
-    """One child flow run per non-empty share, by flow run id."""
-    children = {}
+                    run_id: str, round_number: int) -> list[Child]:
+    """One child flow run per non-empty share."""
+    children = []
     for index in range(shares):
         keys = [shard.key for shard in shards[index::shares]]
         if keys:
-            child = run_deployment(
+            run = run_deployment(
                 deployment, timeout=0, flow_run_name=f"{run_id}-r{round_number}-{index}",
                 parameters={"data_dir": str(data.root), "run_id": run_id, "shard_keys": keys})
-            children[str(child.id)] = (child, keys)
+            children.append(Child(run, keys))
     logger.info("round %d: %d shards over %d child flow runs of %s", round_number,
                 len(shards), len(children), deployment)
     return children
 
 
-def _wait(children: dict[str, tuple[FlowRun, list[str]]], paths: dict[str, Path],
-          progress: Callable[[int, int], None]) -> dict[str, tuple[FlowRun, list[str]]]:
-    """Poll until every child's state is final; their final flow runs, by id."""
+def _wait(children: list[Child], pool: str, paths: dict[str, Path],
+          progress: Callable[[int, int], None]) -> list[Child]:
+    """Poll until every child's state is final. Children waiting for a worker wait as long
+    as the pool has one online (another run's share may hold the GPU); after
+    `OFFLINE_GRACE_SECONDS` without any, they are cancelled."""
+    last_online = time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
-            latest = {id_: (client.read_flow_run(child.id), keys)
-                      for id_, (child, keys) in children.items()}
+            children = [Child(client.read_flow_run(child.run.id), child.shard_keys)
+                        for child in children]
             progress(sum(path.exists() for path in paths.values()), len(paths))
-            if all(run.state is not None and run.state.is_final() for run, _ in latest.values()):
-                return latest
+            if all(child.run.state.is_final() for child in children):
+                return children
+            waiting = [child.run for child in children
+                       if child.run.state.is_scheduled() or child.run.state.is_pending()]
+            if waiting and online_workers(pool):
+                last_online = time.monotonic()
+            elif waiting and time.monotonic() - last_online > OFFLINE_GRACE_SECONDS:
+                for run in waiting:
+                    client.set_flow_run_state(run.id, Cancelled(
+                        message=f"no worker online in work pool {pool} for "
+                                f"{OFFLINE_GRACE_SECONDS:.0f} s"), force=True)
             time.sleep(POLL_SECONDS)
 
 
-def _unwritten(finished: dict[str, tuple[FlowRun, list[str]]], paths: dict[str, Path],
-               errors: dict[str, str]) -> tuple[set[str], dict[str, str]]:
-    """Shards the children did not write: those of crashed children, and every one's error."""
-    crashed, errors = set(), dict(errors)
-    for run, keys in finished.values():
+def _record_unwritten(children: list[Child], paths: dict[str, Path], errors: dict[str, str]
+                      ) -> set[str]:
+    """Record in `errors` why each unwritten shard is missing; return those of children that
+    crashed (their process died), which may be dealt out again."""
+    crashed = set()
+    for run, keys in children:
         for key in keys:
             if paths[key].exists():
                 continue
@@ -180,7 +218,7 @@ def _unwritten(finished: dict[str, tuple[FlowRun, list[str]]], paths: dict[str, 
                            f"{run.state.message or 'no message'}")
             if run.state.is_crashed():
                 crashed.add(key)
-    return crashed, errors
+    return crashed
 
 
 def _progress_bar(run_id: str) -> Callable[[int, int], None]:

@@ -152,7 +152,7 @@ def _worth_retrying(_task: object, _task_run: object, state: State) -> bool:
     return not isinstance(state.result(raise_on_failure=False), EngineBuildError)
 
 
-@task(name="generate-shard", tags=["gpu"], retries=1, retry_delay_seconds=5,
+@task(name="generate-shard", retries=1, retry_delay_seconds=5,
       retry_condition_fn=_worth_retrying)
 def generate_shard(shard: Shard, config: DatasetConfig, generation: Generation, run_id: str,
                    data: DataDir) -> ShardOutcome:

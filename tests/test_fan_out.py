@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
@@ -29,19 +30,22 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import distill
 from tasks.config import DATASETS_DIR, REPO_ROOT
+from tasks.fan_out import online_workers
 
 RUN_DATE = date(2026, 3, 1)
 SHARD_SIZE = 2                 # the demo's 12 prompts in 6 shards, 3 to each worker
 DEPLOYMENT = "generate-shards/gpu"
+ENGINE_BUILD_LINE = "Initializing a V1 LLM engine"    # vLLM logs it once per engine built
 PROVENANCE = {"generated_run_id", "generated_at", "published_run_id", "published_at",
               "generated_dirty"}
 
 
 @pytest.fixture(scope="module")
 def api_url(tiny_pair) -> Iterator[str]:
-    os.environ["DISTILL_TINY_MODELS_DIR"] = str(Path(tiny_pair[0]).parent)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTILL_TINY_MODELS_DIR", str(Path(tiny_pair[0]).parent))
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value()
 
 
 def prefect_env(api_url: str, **extra: str) -> dict[str, str]:
@@ -100,6 +104,10 @@ def workers(api_url: str, logs: Path, crash_first_at: str | None = None) -> Iter
             cwd=REPO_ROOT, env=prefect_env(api_url, **extra), stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
     try:
+        deadline = time.monotonic() + 120
+        while online_workers("distill-gpu") < 2:
+            assert time.monotonic() < deadline, "the two workers did not come online"
+            time.sleep(1)
         yield
     finally:
         for process in processes:
@@ -124,12 +132,12 @@ def child_runs(run_id: str) -> list[FlowRun]:
 
 def test_two_workers_share_a_run_and_one_killed_mid_shard_loses_nothing(
         api_url, deployment, demo, one_process, tmp_path):
-    """Round 1 gives each worker 3 shards; the first worker's process dies writing its 2nd,
-    round 2 deals the 2 shards it left over both workers."""
+    """Round 1 gives each worker online 3 shards; the first worker's process dies writing its
+    2nd, round 2 deals the 2 shards it left over both workers."""
     data_dir = tmp_path / "data"
     with workers(api_url, tmp_path, crash_first_at="shard-write:2"):
         summary = distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
-                          data_dir=str(data_dir), fan_out=deployment, workers=2)
+                          data_dir=str(data_dir), fan_out=deployment)
 
     assert summary["status"] == "published", summary
     rows = published(data_dir, summary)
@@ -147,3 +155,7 @@ def test_two_workers_share_a_run_and_one_killed_mid_shard_loses_nothing(
     assert len(list((data_dir / "shards" / "demo").glob("*.parquet"))) == 6
     left = list((data_dir / "shards").rglob(".*.tmp"))
     assert len(left) == 1, f"expected the killed writer's temporary file alone: {left}"
+    engines_built = sum(log.read_text().count(ENGINE_BUILD_LINE)
+                        for log in tmp_path.glob("worker-*.log"))
+    assert engines_built == 2 * len(children), "each child builds one pair, not one per shard"
+    assert not (data_dir / "work").exists() or not any((data_dir / "work").iterdir())
