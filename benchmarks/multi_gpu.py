@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -124,9 +125,10 @@ def summarize(results: dict[str, dict], baseline: str) -> str:
             continue
         same = sum(result["shard_hashes"].get(k) == v
                    for k, v in base.get("shard_hashes", {}).items())
-        ratio_wall = result["tok_per_s_wall"] / base["tok_per_s_wall"] if base else float("nan")
+        measured = "tok_per_s_wall" in base        # the one-GPU layout may have failed
+        ratio_wall = result["tok_per_s_wall"] / base["tok_per_s_wall"] if measured else math.nan
         ratio_gen = (result["tok_per_s_generating"] / base["tok_per_s_generating"]
-                     if base else float("nan"))
+                     if measured else math.nan)
         lines.append(
             f"| {layout} | {result['workers']} | {result['tokens']:,} | {result['wall_s']:.0f} "
             f"| {result['tok_per_s_wall']:,.0f} | {ratio_wall:.2f} "
