@@ -13,6 +13,8 @@ plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
   timed runs, one profiled run splitting step time into phases (device synchronised, so
   phases do not overlap there), a run with stop tokens (pairs stop one step before the
   scheduler learns of it), and a record of a few sequences for the log-prob check;
+- mixed_process: as mixed, with the theta engine in its own process (`sampler.theta_process`),
+  so both engines' host work runs at once; its tokens are compared with the mixed arm's;
 - mixed_serial: the same pair with serial steps (no async scheduling), for comparison; its
   batch-64 tokens are compared with the overlapped arm's;
 - check: transformers recomputes log t(y) and log θ(y) of the recorded sequences.
@@ -39,7 +41,7 @@ logger = logging.getLogger("benchmark")
 
 PAIRS = {"7b_0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b_0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b"),
          "smoke": ("qwen2.5-0.5b", "qwen2.5-0.5b")}
-ARMS = ("baseline", "mixed", "mixed_serial", "check")
+ARMS = ("baseline", "mixed", "mixed_process", "mixed_serial", "check")
 CHECKED_SEQUENCES = 3
 
 
@@ -194,15 +196,16 @@ def run_mixed(args: argparse.Namespace) -> dict:
     from sampler.lockstep import LockstepPair, PairRequest
     from sampler.mixing import MixingConfig
 
-    overlap = args.arm == "mixed"
-    kernels = check_kernels() if overlap else None
+    overlap = args.arm in ("mixed", "mixed_process")
+    in_process = args.arm != "mixed_process"
+    kernels = check_kernels() if args.arm == "mixed" else None
     teacher_prompts, theta_prompts = make_prompts(max(args.batches))
     common = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 256,
               "max_num_batched_tokens": 16384}
     pair = LockstepPair.from_models(
         str(Path(args.models) / args.teacher), str(Path(args.models) / args.theta), None, [],
         {**common, "gpu_memory_utilization": 0.55}, {**common, "gpu_memory_utilization": 0.3},
-        overlap_steps=overlap)
+        overlap_steps=overlap, theta_process=not in_process)
     config = MixingConfig(alpha_method="kl_symmetry")
 
     def requests(batch: int, new_tokens: int) -> list[PairRequest]:
@@ -235,6 +238,14 @@ def run_mixed(args: argparse.Namespace) -> dict:
             Path(args.tokens).write_text(json.dumps(
                 {str(i): t.columns[:, 0].astype(int).tolist() for i, t in traces.items()}))
     stops = check_stops(pair, requests, config)
+    if overlap:
+        Path(args.record).write_text(json.dumps(record))
+    if not in_process:
+        # Synchronised phases and the profiler see this process's device work only.
+        pair.shutdown()
+        return {"overlapped_steps": pair.overlapped, "throughput": results,
+                "tokens_checked_in_lockstep": pair.tokens_checked, "stop_tokens_run": stops,
+                **gpu_facts()}
     device_busy = measure_device_busy(pair, requests, config, max(args.batches)) \
         if overlap else None
     profile_batch, profile_tokens = max(args.batches), 256
@@ -248,8 +259,6 @@ def run_mixed(args: argparse.Namespace) -> dict:
     phases_ms = {name: 1e3 * value / steps for name, value in pair.phase_seconds.items()}
     phases_ms["wall_per_step"] = 1e3 * wall / steps
     alphas = np.concatenate([t.columns[:, 1] for t in traces.values()])
-    if overlap:
-        Path(args.record).write_text(json.dumps(record))
     return {"overlapped_steps": pair.overlapped, "throughput": results,
             "tokens_checked_in_lockstep": pair.tokens_checked, "kernels": kernels,
             "stop_tokens_run": stops, "device_busy": device_busy,
@@ -259,9 +268,9 @@ def run_mixed(args: argparse.Namespace) -> dict:
                       "max": float(alphas.max())}, **gpu_facts()}
 
 
-def compare_modes(work: Path, pair_name: str) -> dict:
-    """Batch-64 token sequences of the overlapped and the serial arm, sequence by sequence."""
-    paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in ("mixed", "mixed_serial")]
+def compare_modes(work: Path, pair_name: str, other: str) -> dict:
+    """The smallest batch's token sequences of the mixed arm and another, one by one."""
+    paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in ("mixed", other)]
     if not all(path.exists() for path in paths):
         return {"error": "an arm did not record its tokens"}
     overlapped, serial = (json.loads(path.read_text()) for path in paths)
@@ -330,14 +339,14 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
 
 
 def summarise(results: dict, args: argparse.Namespace) -> str:
-    lines = ["| pair | batch | baseline tok/s | mixed tok/s | ratio | serial steps tok/s | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| pair | batch | baseline tok/s | mixed tok/s | ratio | theta process tok/s | ratio "
+             "| serial steps tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for pair_name, arms in results["pairs"].items():
         for batch in map(str, args.batches):
             cells = [pair_name, batch]
             base = arms.get("baseline", {}).get("throughput", {}).get(batch, {}).get("tok_per_s")
             cells.append(f"{base:,.0f}" if base else "-")
-            for arm in ("mixed", "mixed_serial"):
+            for arm in ("mixed", "mixed_process", "mixed_serial"):
                 rate = arms.get(arm, {}).get("throughput", {}).get(batch, {}).get("tok_per_s")
                 cells.append(f"{rate:,.0f}" if rate else "-")
                 cells.append(f"{rate / base:.2f}" if rate and base else "-")
@@ -364,8 +373,8 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.arm:
-        arm = {"baseline": run_baseline, "mixed": run_mixed, "mixed_serial": run_mixed,
-               "check": run_check}[args.arm]
+        arm = {"baseline": run_baseline, "mixed": run_mixed, "mixed_process": run_mixed,
+               "mixed_serial": run_mixed, "check": run_check}[args.arm]
         Path(args.result).write_text(json.dumps(arm(args), indent=1))
         return
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -376,7 +385,8 @@ def main() -> None:
         for arm in args.arms.split(","):
             arms[arm] = run_arm_in_subprocess(arm, pair_name, args)
             Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
-        arms["modes_compared"] = compare_modes(Path(args.work), pair_name)
+        arms["modes_compared"] = {other: compare_modes(Path(args.work), pair_name, other)
+                                  for other in ("mixed_serial", "mixed_process")}
         Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
     table = summarise(results, args)
     Path(args.out, "results.md").write_text(table + "\n")

@@ -21,6 +21,10 @@ The halves are ordered to keep the device busy:
   then retire theta's half of step n−1 while the teacher's forward pass runs, and launch the
   rest of step n.
 
+With `theta_process` (CUDA, overlapped), theta runs in a worker process
+(`sampler.theta_process`): the same calls in the same order, but theta's scheduling, input
+preparation and output bookkeeping run beside the teacher's instead of after them.
+
 Each engine keeps its own KV cache and is never re-run over a prefix. Any disagreement raises
 `LockstepError` with the details; there is no fallback. A row the mixing cannot serve (its
 α or log q(y) is not finite) raises `MixingError` naming the row, at the retire half that
@@ -211,16 +215,26 @@ class LockstepPair:
     @classmethod
     def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
                     stop_token_ids: list[int], teacher_args: dict, theta_args: dict,
-                    overlap_steps: bool = True) -> LockstepPair:
+                    overlap_steps: bool = True, theta_process: bool = False) -> LockstepPair:
         """Build both engines (teacher first); mix over `vocab_size` or both logit widths.
 
         `overlap_steps` uses async scheduling where vLLM supports it (CUDA), else serial steps.
+        `theta_process` runs theta in a worker process (CUDA with overlapped steps only), so
+        that both engines' host work runs at once (`sampler.theta_process`).
         """
+        if theta_process and not (overlap_steps and torch.cuda.is_available()):
+            raise LockstepError("a theta engine process needs CUDA and overlapped steps")
         logger.info("building teacher engine for %s", model_teacher)
         teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
-        logger.info("building theta engine for %s", model_theta)
+        logger.info("building theta engine for %s%s", model_theta,
+                    " in its own process" if theta_process else "")
         try:
-            theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
+            if theta_process:
+                from sampler.theta_process import RemoteEngine
+
+                theta = RemoteEngine(model_theta, theta_args, overlap_steps)
+            else:
+                theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
         except BaseException:
             teacher.shutdown()
             raise
@@ -289,6 +303,7 @@ class LockstepPair:
                 if self.overlapped:
                     step = self._launch(run, config, seed) if run.queue or run.active else None
                     if in_flight is not None:
+                        self.theta.begin_update(in_flight.theta_plan, in_flight.theta_output)
                         self._retire_theta(in_flight, self._retire_teacher(in_flight, run), run)
                 else:
                     teacher_result = (self._retire_teacher(in_flight, run)
@@ -320,8 +335,9 @@ class LockstepPair:
         device = self.teacher.device
         with self._phase("teacher_host"):
             admitted = self._admit(run)
+            theta_plan = self.theta.schedule() if self.theta.remote else None
             step = _Step(number=run.steps, teacher_plan=self.teacher.schedule(),
-                         admitted=admitted)
+                         admitted=admitted, theta_plan=theta_plan)
         with self._phase("teacher_forward", device):
             step.teacher_output = self.teacher.execute(step.teacher_plan)
             step.has_logits = step.teacher_output is None
@@ -332,7 +348,8 @@ class LockstepPair:
     def _launch_theta(self, step: _Step, config: MixingConfig, seed: int) -> None:
         """Schedule theta, check it matches the teacher, launch its forward pass, mix and force."""
         with self._phase("theta_host"):
-            step.theta_plan = self.theta.schedule()
+            if step.theta_plan is None:
+                step.theta_plan = self.theta.schedule()
             self._check_schedules(step.teacher_plan, step.theta_plan, step.admitted)
         with self._phase("theta_forward", self.theta.device):
             step.theta_output = self.theta.execute(step.theta_plan)
@@ -400,9 +417,8 @@ class LockstepPair:
     def _check_schedules(self, teacher_plan: object, theta_plan: object,
                          admitted: dict[str, PairRequest]) -> None:
         """Raise unless both engines scheduled exactly the same pairs, prefills unchunked."""
-        describe = SteppedEngine.describe_schedule
-        teacher_new, teacher_running, teacher_preempted = describe(teacher_plan)
-        theta_new, theta_running, theta_preempted = describe(theta_plan)
+        teacher_new, teacher_running, teacher_preempted = self.teacher.describe(teacher_plan)
+        theta_new, theta_running, theta_preempted = self.theta.describe(theta_plan)
         problems = []
         if set(teacher_new) != set(admitted) or set(theta_new) != set(admitted):
             problems.append(f"admitted {sorted(admitted)}, teacher started {sorted(teacher_new)}, "

@@ -99,6 +99,9 @@ class StepResult:
 class SteppedEngine:
     """One vLLM engine driven step by step from outside."""
 
+    #: False: in this process (`sampler.theta_process.RemoteEngine` is the other kind).
+    remote = False
+
     def __init__(self, llm: Any):
         self.llm = llm
         self._core = llm.llm_engine.engine_core.engine_core
@@ -146,6 +149,9 @@ class SteppedEngine:
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return new, cached, preempted
 
+    def describe(self, scheduler_output: Any) -> tuple[dict[str, int], dict[str, int], set[str]]:
+        return self.describe_schedule(scheduler_output)
+
     def execute(self, scheduler_output: Any) -> Any:
         """Launch the forward pass. None when logits wait for sampling in the model runner;
         otherwise the step's output (nothing was scheduled to sample)."""
@@ -167,6 +173,9 @@ class SteppedEngine:
         forced.scatter_(1, token_ids.to(forced.device, torch.long)[:, None], 0.0)
         self._runner.execute_model_state = state._replace(logits=forced)
         return self._executor.sample_tokens(None, non_block=True)
+
+    def begin_update(self, scheduler_output: Any, output: Any) -> None:
+        """Nothing to start early in this process (a remote engine starts its update here)."""
 
     def update(self, scheduler_output: Any, output: Any) -> StepResult:
         """Hand a step's output (or its future) back to the scheduler; report tokens and

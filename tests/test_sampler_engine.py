@@ -271,3 +271,13 @@ def test_rows_in_different_orders_are_aligned_by_pair(sampler):
     assert same.theta_for_teacher is None and same.teacher_for_theta is None
     with pytest.raises(Exception, match="logit rows differ"):
         sampler.pair._alignment(("pair-1",), ("pair-3",), torch.device("cpu"))
+
+
+def test_a_theta_process_needs_cuda_and_overlapped_steps():
+    """The theta engine process shares logits by CUDA IPC: refused before any engine starts."""
+    from sampler.errors import LockstepError
+    from sampler.lockstep import LockstepPair
+
+    with pytest.raises(LockstepError, match="needs CUDA and overlapped steps"):
+        LockstepPair.from_models("teacher", "theta", None, [], {}, {}, overlap_steps=False,
+                                 theta_process=True)

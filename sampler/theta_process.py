@@ -1,0 +1,241 @@
+"""The theta engine in its own process, so that the two engines' host work runs at once.
+
+Measured on one H100 (benchmarks/RESULTS.md, run 7): with both engines in one process the
+host is busy for the whole step (21.6 ms of a 21.8 ms step for the 7B + 0.5B pair) while the
+device is busy for 12.7 ms of it. vLLM's scheduling, input preparation and output bookkeeping
+are Python: a thread cannot run them beside the teacher's, a process can.
+
+`RemoteEngine` stands in for `SteppedEngine` in the lockstep (CUDA, overlapped steps only).
+Each call sends a message and returns at once where it can; replies are read when the
+lockstep needs them, so theta's host work of a step runs while the main process schedules
+and launches the teacher. Logits and drawn tokens never leave the device: the worker copies
+theta's logits into a buffer shared by CUDA IPC and records an inter-process event; the main
+process's stream waits for that event before mixing, writes the drawn tokens into a second
+shared buffer and records its own event, which the worker's stream waits for before forcing
+them. Stream order alone then keeps each buffer from being overwritten before it is read:
+the worker copies step n+1's logits only after it waited for step n's tokens, and the main
+process writes step n+1's tokens only after it waited for step n+1's logits.
+
+Messages (main → worker): `schedule` (new requests; the worker adds them, schedules,
+executes and shares its logits), `force`, `update`, `abort`, `shutdown`. Replies come in
+request order; a failure in the worker comes back as `error` with its traceback and is
+raised in the main process as `LockstepError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing  # noqa: F401 - lets pipes carry CUDA tensors and events by IPC
+
+from sampler.errors import LockstepError
+from sampler.vllm_internals import StepResult
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the main process waits for the worker to build its engine.
+START_TIMEOUT_S = 900
+#: Seconds the main process waits for the worker to exit after `shutdown`.
+STOP_TIMEOUT_S = 60
+
+
+@dataclass
+class _RemotePlan:
+    """A step scheduled in the worker; its description arrives with the `scheduled` reply."""
+
+    step: int
+    new: dict[str, int] | None = None
+    cached: dict[str, int] | None = None
+    preempted: set[str] | None = None
+    rows: list[str] | None = None
+    has_logits: bool = False
+
+
+class _RemoteOutput:
+    """Stands for an output the worker holds (the lockstep only passes it back)."""
+
+
+class RemoteEngine:
+    """The theta engine, driven in a worker process through the `SteppedEngine` calls the
+    lockstep makes."""
+
+    remote = True
+
+    def __init__(self, model: str, engine_args: dict[str, Any], overlap_steps: bool):
+        torch.cuda.init()
+        context = multiprocessing.get_context("spawn")
+        self._connection, worker_end = context.Pipe()
+        self._process = context.Process(target=_worker_main, name="theta-engine",
+                                        args=(worker_end, model, engine_args, overlap_steps),
+                                        daemon=True)
+        self._process.start()
+        worker_end.close()
+        self.wait_seconds = 0.0
+        self._pending_requests: list[tuple] = []
+        self._steps = 0
+        self._plans: dict[int, _RemotePlan] = {}
+        self._unread: list[_RemotePlan] = []
+        if not self._connection.poll(START_TIMEOUT_S):
+            self._process.kill()
+            raise LockstepError("the theta engine process did not start in time")
+        facts = self._reply("ready")
+        for name, value in facts.items():
+            setattr(self, name, value)
+        self.device = torch.device(facts["device"])
+        self._tokens = torch.zeros(self.max_num_seqs, dtype=torch.long, device=self.device)
+        self._tokens_ready = torch.cuda.Event(interprocess=True)
+        self._tokens_ready.record()  # an event is shared once it exists
+        self._connection.send(("buffers", self._tokens, self._tokens_ready))
+        self._logits: torch.Tensor | None = None
+        self._logits_ready: torch.cuda.Event | None = None
+        self._current: _RemotePlan | None = None
+
+    def _reply(self, expected: str) -> Any:
+        start = time.perf_counter()
+        try:
+            kind, payload = self._connection.recv()
+        except EOFError as error:
+            raise LockstepError("the theta engine process exited") from error
+        self.wait_seconds += time.perf_counter() - start
+        if kind == "error":
+            raise LockstepError(f"theta engine process failed:\n{payload}")
+        if kind != expected:
+            raise LockstepError(f"theta engine process replied {kind!r}, expected {expected!r}")
+        return payload
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
+                    stop_token_ids: list[int]) -> None:
+        self._pending_requests.append((request_id, prompt_token_ids, max_tokens,
+                                       stop_token_ids))
+
+    def schedule(self) -> _RemotePlan:
+        """Send the step (with the requests added since the last one); returns at once."""
+        plan = _RemotePlan(self._steps)
+        self._steps += 1
+        self._connection.send(("schedule", plan.step, self._pending_requests))
+        self._pending_requests = []
+        self._unread.append(plan)
+        return plan
+
+    def _read_schedule(self, plan: _RemotePlan) -> None:
+        while plan.rows is None:
+            pending = self._unread.pop(0)
+            payload = self._reply("scheduled")
+            pending.new, pending.cached, pending.preempted, pending.rows, pending.has_logits, \
+                shared = payload
+            if shared is not None:
+                self._logits, self._logits_ready = shared
+
+    def describe(self, plan: _RemotePlan) -> tuple[dict[str, int], dict[str, int], set[str]]:
+        self._read_schedule(plan)
+        return plan.new, plan.cached, plan.preempted
+
+    def execute(self, plan: _RemotePlan) -> _RemoteOutput | None:
+        """The worker executed with `schedule`: None where its logits wait for sampling."""
+        self._read_schedule(plan)
+        self._current = plan
+        return None if plan.has_logits else _RemoteOutput()
+
+    def pending_logits(self) -> tuple[torch.Tensor, list[str]]:
+        """Theta's logits in the shared buffer, ordered after the worker's copy."""
+        plan = self._current
+        torch.cuda.current_stream().wait_event(self._logits_ready)
+        return self._logits[:len(plan.rows)], plan.rows
+
+    def sample_forced(self, token_ids: torch.Tensor) -> _RemoteOutput:
+        rows = token_ids.shape[0]
+        self._tokens[:rows].copy_(token_ids)
+        self._tokens_ready.record()
+        self._connection.send(("force", self._current.step, rows))
+        return _RemoteOutput()
+
+    def begin_update(self, plan: _RemotePlan, output: Any) -> None:
+        """Ask for the step's update now, so the worker runs it beside the teacher's."""
+        self._connection.send(("update", plan.step))
+
+    def update(self, plan: _RemotePlan, output: Any) -> StepResult:
+        request_ids, new_token_ids, finish_reasons = self._reply("updated")
+        return StepResult(request_ids, new_token_ids, finish_reasons)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._connection.send(("abort", request_ids))
+
+    def shutdown(self) -> None:
+        """Stop the worker (it frees its engine); kill it if it does not exit."""
+        try:
+            self._connection.send(("shutdown",))
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            logger.error("theta engine process did not exit; killing it")
+            self._process.kill()
+            self._process.join()
+
+
+def _worker_main(connection: Any, model: str, engine_args: dict[str, Any],
+                 overlap_steps: bool) -> None:
+    """The worker: build the engine, then serve messages until `shutdown`."""
+    try:
+        _serve(connection, model, engine_args, overlap_steps)
+    except BaseException:  # noqa: BLE001 - the main process raises it
+        connection.send(("error", traceback.format_exc()))
+
+
+def _serve(connection: Any, model: str, engine_args: dict[str, Any],
+           overlap_steps: bool) -> None:
+    from sampler.vllm_internals import SteppedEngine, build_llm
+
+    engine = SteppedEngine(build_llm(model, engine_args, overlap_steps))
+    connection.send(("ready", {
+        "max_num_seqs": engine.max_num_seqs, "max_batched_tokens": engine.max_batched_tokens,
+        "block_size": engine.block_size, "num_kv_blocks": engine.num_kv_blocks,
+        "logits_width": engine.logits_width, "overlaps_steps": engine.overlaps_steps,
+        "max_model_len": engine.max_model_len, "device": str(engine.device)}))
+    _, tokens, tokens_ready = connection.recv()
+    logits_buffer: torch.Tensor | None = None
+    logits_ready = torch.cuda.Event(interprocess=True)
+    logits_ready.record()  # an event is shared once it exists
+    steps: dict[int, list] = {}
+    while True:
+        message = connection.recv()
+        kind = message[0]
+        if kind == "schedule":
+            _, step, requests = message
+            for request in requests:
+                engine.add_request(*request)
+            plan = engine.schedule()
+            new, cached, preempted = SteppedEngine.describe_schedule(plan)
+            output = engine.execute(plan)
+            rows, shared = [], None
+            if output is None:
+                logits, rows = engine.pending_logits()
+                if logits_buffer is None or logits_buffer.dtype != logits.dtype:
+                    logits_buffer = torch.empty(engine.max_num_seqs, logits.shape[1],
+                                                dtype=logits.dtype, device=logits.device)
+                    shared = (logits_buffer, logits_ready)
+                logits_buffer[:len(rows)].copy_(logits)
+                logits_ready.record()
+            steps[step] = [plan, output]
+            connection.send(("scheduled", (new, cached, preempted, rows, output is None,
+                                           shared)))
+        elif kind == "force":
+            _, step, rows = message
+            torch.cuda.current_stream().wait_event(tokens_ready)
+            steps[step][1] = engine.sample_forced(tokens[:rows])
+        elif kind == "update":
+            plan, output = steps.pop(message[1])
+            result = engine.update(plan, output)
+            connection.send(("updated", (result.request_ids, result.new_token_ids,
+                                         result.finish_reasons)))
+        elif kind == "abort":
+            engine.abort(message[1])
+        elif kind == "shutdown":
+            engine.shutdown()
+            return
