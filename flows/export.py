@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a generation key to export (repeat for several; default: all)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace what --out holds")
+                        help="replace an earlier export in --out")
     parser.add_argument("--hub-repo", help="push the folder to this Hub dataset repository")
     parser.add_argument("--token", default=os.environ.get("HF_TOKEN"),
                         help="Hub token for --hub-repo (default: $HF_TOKEN)")

@@ -24,6 +24,8 @@ from tasks.training_columns import CONVERSATION_COLUMNS, TOKEN_COLUMNS
 CARD_KEY = b"distill.card"
 GENERATION_KEY = b"distill.generation"
 HISTOGRAM_BINS = 10
+#: In every card's title; an export's --overwrite replaces only a folder whose README has it.
+CARD_TITLE = "distillation data from an optimal-sampling mixture"
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
                    (1_000_000, "100K<n<1M"))
 
@@ -188,7 +190,7 @@ def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
     sampling = first.settings["sampling"]
     curation = first.facts.curation
     body = [
-        f"# {first.facts.dataset}: distillation data from an optimal-sampling mixture", "",
+        f"# {first.facts.dataset}: {CARD_TITLE}", "",
         first.facts.description, "",
         "Each token was drawn from q ∝ θ^(1−α) · t^α, a per-token mixture of the teacher t and "
         "the student θ; α, log q, log t and log θ of every token are recorded.",
@@ -232,10 +234,10 @@ def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
         f"`{curation['reference_column']}`" if curation["answer_check"] else
         "- answer check: none", "",
         "## Partitions and validation", "", *partition_table(parts), "",
-        "Shard validation (Great Expectations) checks every row: text and prompt ids present, "
-        "token counts, finish reasons, per-row α within range, per-token arrays as long as the "
-        "token count, log-probs finite and ≤ 0, unique rows; the dataset suite checks the row "
-        "count, uniqueness and the share of rows that hit max_tokens.", "",
+        "Shard validation (Great Expectations) checks every row: text and both models' prompt "
+        "ids present, token counts, finish reasons, per-row α within range, per-token arrays "
+        "as long as the token count, log-probs finite and ≤ 0, unique rows; the dataset suite "
+        "checks the row count, uniqueness and the share of rows that hit max_tokens.", "",
         f"## α per token (range [{sampling['alpha_min']}, {sampling['alpha_max']}])", "",
         *alpha_histogram(table, sampling["alpha_min"], sampling["alpha_max"]), "",
         "## How it was generated", "",

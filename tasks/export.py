@@ -4,7 +4,9 @@
 The folder holds `data/<generation>-<run date>.parquet` (each partition's rows, with `dataset`
 and `run_date` columns and the partition's own metadata) and one dataset card over all of
 them. It is built beside the target and renamed into place, so the target is the old export
-or the new one, never a mix.
+or the new one, never a mix. What it replaces is deleted, so the target may be only an empty
+folder or (with --overwrite) an earlier export, never the data directory, one inside it or
+one that holds it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.atomic_files import write_atomically, write_text_atomically
-from tasks.dataset_card import GENERATION_KEY, CardPart, PartitionFacts, render_card
+from tasks.dataset_card import CARD_TITLE, GENERATION_KEY, CardPart, PartitionFacts, render_card
 from tasks.layout import DataDir
 
 logger = logging.getLogger(__name__)
@@ -85,11 +87,9 @@ def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date]
                    generations: list[str] | None = None, overwrite: bool = False
                    ) -> ExportResult:
     """Write the chosen partitions and their card to `out` (refused if it holds anything,
-    unless `overwrite`)."""
+    unless `overwrite` and it is an earlier export)."""
     out = out.resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out}: the folder is not empty; pass --overwrite to "
-                          "replace it")
+    check_out(out, data, overwrite)
     partitions = find_partitions(data, dataset, run_dates, generations)
     read = [read_partition(p, dataset) for p in partitions]
     metadata = [table.schema.metadata for table, _ in read]
@@ -110,8 +110,9 @@ def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date]
         dates = sorted({p.run_date.isoformat() for p in partitions})
         commands = [*(f"python -m flows.distill --dataset {dataset} --run-date {d}"
                       for d in dates),
-                    f"python -m flows.export --dataset {dataset} --out {out.name} "
-                    + " ".join(f"--run-date {d}" for d in dates)]
+                    " ".join([f"python -m flows.export --dataset {dataset} --out {out.name}",
+                              *(f"--run-date {d}" for d in dates),
+                              *(f"--generation {g}" for g in sorted(set(generations or ())))])]
         card = render_card([part for _, part in read], every, names, commands)
         write_text_atomically(card, staging / "README.md", "export-card")
         _swap_in(staging, out)
@@ -120,6 +121,33 @@ def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date]
     logger.info("exported %d rows of %s (%d partitions) to %s", every.num_rows, dataset,
                 len(partitions), out)
     return ExportResult(str(out), names, every.num_rows)
+
+
+def check_out(out: Path, data: DataDir, overwrite: bool) -> None:
+    """Refuse an `out` that would replace or nest with the data directory, is a file, or
+    holds anything but (with `overwrite`) an earlier export: the swap deletes what was there."""
+    root = data.root.resolve()
+    if out.is_relative_to(root) or root.is_relative_to(out):
+        raise ExportError(f"--out {out}: is, holds or lies inside the data directory {root}")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"--out {out}: the folder is not empty; pass --overwrite to "
+                          "replace it")
+    if not is_export(out):
+        raise ExportError(f"--out {out}: --overwrite replaces only an earlier export (data/ "
+                          "with Parquet files and its README.md card); this folder is not one")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds only what `export_dataset` writes: data/*.parquet and the card."""
+    card, files = folder / "README.md", folder / "data"
+    return ({entry.name for entry in folder.iterdir()} == {"README.md", "data"}
+            and card.is_file() and CARD_TITLE in card.read_text(errors="replace")
+            and files.is_dir() and all(entry.is_file() and entry.suffix == ".parquet"
+                                       for entry in files.iterdir()))
 
 
 def _swap_in(staging: Path, out: Path) -> None:

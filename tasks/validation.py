@@ -61,8 +61,10 @@ def validation_frame(table: pa.Table) -> pd.DataFrame:
     bad_logprobs = np.zeros(rows, dtype=bool)
     for column in PER_TOKEN_COLUMNS[1:]:
         bad_logprobs |= _rows_with_nonfinite_or_positive(table[column], rows)
-    has_prompt_ids = pc.fill_null(pc.greater(pc.list_value_length(table["theta_prompt_ids"]), 0),
-                                  False).to_numpy(zero_copy_only=False)
+    has_prompt_ids = np.ones(rows, dtype=bool)
+    for column in ("teacher_prompt_ids", "theta_prompt_ids"):
+        present = pc.greater(pc.list_value_length(table[column]), 0)
+        has_prompt_ids &= pc.fill_null(present, False).to_numpy(zero_copy_only=False)
     frame = table.drop_columns([*PER_TOKEN_COLUMNS, *ID_COLUMNS]).to_pandas()
     frame["row_key"] = (frame["prompt_id"] + "#" + frame["sample_round"] + "#"
                         + frame["sample_index"].astype(str))

@@ -78,14 +78,15 @@ def test_gsm8k_answer_check_keeps_only_matching_final_answers():
 
 def test_validation_frame_flags_bad_arrays_row_by_row():
     """Row 0 is sound; row 1's log q holds +0.5; row 2's alpha list is one token short;
-    row 3 has a NaN log θ; row 4 generated nothing."""
+    row 3 has a NaN log θ and no teacher prompt ids; row 4 generated nothing and has no
+    theta prompt ids."""
     good = [-0.1, -2.0]
     table = pa.table({
         "prompt_id": ["a", "b", "c", "d", "e"], "sample_index": [0, 0, 0, 0, 0],
         "sample_round": ["first"] * 4 + ["2026-01-02"],
         "completion_text": ["x", "x", "x", "x", ""], "finish_reason": ["stop"] * 4 + ["length"],
         "num_tokens": [2, 2, 2, 2, 0],
-        "token_ids": [[1, 2]] * 4 + [[]], "teacher_prompt_ids": [[3]] * 5,
+        "token_ids": [[1, 2]] * 4 + [[]], "teacher_prompt_ids": [[3]] * 3 + [[], [3]],
         "theta_prompt_ids": [[3]] * 4 + [[]],
         "alpha": [[0.5, 0.6], [0.5, 0.6], [0.5], [0.5, 0.6], []],
         "log_q": [good, [-0.1, 0.5], good, good, []],
@@ -95,7 +96,8 @@ def test_validation_frame_flags_bad_arrays_row_by_row():
     frame = validation_frame(table)
     assert frame["arrays_match_num_tokens"].tolist() == [True, True, False, True, True]
     assert frame["logprobs_finite_and_nonpositive"].tolist() == [True, False, True, False, True]
-    assert frame["has_prompt_ids"].tolist() == [True] * 4 + [False]
+    assert frame["has_prompt_ids"].tolist() == [True] * 3 + [False, False]
     assert frame["row_key"].tolist() == ["a#first#0", "b#first#0", "c#first#0", "d#first#0",
                                          "e#2026-01-02#0"]
-    assert not {"alpha", "token_ids", "theta_prompt_ids"} & set(frame.columns)
+    assert not {"alpha", "token_ids", "teacher_prompt_ids", "theta_prompt_ids"} & set(
+        frame.columns)

@@ -27,8 +27,8 @@ from flows.export import main as export_main
 from sampler.errors import ConfigError
 from tasks.answer_checks import gsm8k_final_answer
 from tasks.config import DATASETS_DIR, parse_dataset_config
-from tasks.dataset_card import PartitionFacts
-from tasks.export import ExportError, export_dataset
+from tasks.dataset_card import CARD_TITLE, PartitionFacts
+from tasks.export import ExportError, check_out, export_dataset
 from tasks.layout import DataDir
 from tasks.publishing import curate
 from tasks.sql import read_catalog
@@ -224,8 +224,11 @@ def test_export_writes_a_folder_that_load_dataset_opens(published, tmp_path, cap
 
         only = tmp_path / "one-date"
         assert export_main(["--dataset", "demo", "--out", str(only), "--data-dir",
-                            str(data_dir), "--run-date", str(RUN_DATE)]) == 0
+                            str(data_dir), "--run-date", str(RUN_DATE), "--generation",
+                            generation]) == 0
         assert load(only, "default", tmp_path / "cache").num_rows == table.num_rows
+        assert (f"--out one-date --run-date {RUN_DATE} --generation {generation}\n"
+                in (only / "README.md").read_text())
         assert not list(tmp_path.glob(".*partial*"))
 
         before = (out / "README.md").read_bytes()
@@ -278,9 +281,18 @@ def test_rows_that_stopped_at_max_tokens_are_left_out_unless_kept_and_flagged():
     ("so #### $18", "#### 18", True), ("#### 18.00", "x\n#### 18", True),
     ("#### 1,800.", "#### 1800", True), ("#### 18\nthen #### 19", "#### 18", True),
     ("#### 17", "#### 18", False), ("the answer is 18", "#### 18", False),
-    ("#### eighteen", "#### 18", False), ("#### 18", None, False)])
+    ("#### eighteen", "#### 18", False), ("#### 18", None, False),
+    ("#### -3", "#### -3", True), ("#### 18 dollars", "#### 18", False),
+    ("#### \\boxed{18}", "#### 18", False)])
 def test_gsm8k_final_answer_means_the_same_number(answer, reference, correct):
     assert gsm8k_final_answer(answer, reference) is correct
+
+
+@pytest.mark.timeout(10)
+def test_an_answer_math_verify_would_never_finish_is_wrong_at_once():
+    """math-verify runs without its timeouts (they need the main thread); evaluating this
+    power tower would hang the run's publishing."""
+    assert gsm8k_final_answer("#### 9^9^9^9", "#### 18") is False
 
 
 @pytest.mark.parametrize("curation, field", [
@@ -305,3 +317,59 @@ def test_export_refuses_a_partition_published_before_cards_naming_it(tmp_path):
                                           "before dataset cards existed"):
         export_dataset(data, "demo", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def data_copy(published, tmp_path) -> Path:
+    """A copy of the published data directory, for exports that must not touch it."""
+    return Path(shutil.copytree(published["data_dir"], tmp_path / "data"))
+
+
+def files_in(folder: Path) -> list[tuple[str, bytes]]:
+    return sorted((str(p), p.read_bytes()) for p in [folder, *folder.rglob("*")] if p.is_file())
+
+
+@pytest.mark.parametrize("out", [".", "data", "data/published", "data/exports/demo"])
+def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_data_directory(
+        out, data_copy, tmp_path, monkeypatch, caplog):
+    """Even with --overwrite: replacing `out` deletes what it holds."""
+    monkeypatch.chdir(tmp_path)
+    before = files_in(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="export"):
+        assert export_main(["--dataset", "demo", "--out", out, "--data-dir", "data",
+                            "--overwrite"]) == 2
+    assert (f"--out {(tmp_path / out).resolve()}: is, holds or lies inside the data directory "
+            f"{data_copy}") in caplog.text
+    assert files_in(tmp_path) == before
+
+
+@pytest.mark.parametrize("files, error", [
+    ({"notes.txt": "mine"}, "--overwrite replaces only an earlier export"),
+    ({"data/a.parquet": "", "README.md": "# my own dataset"},
+     "--overwrite replaces only an earlier export"),
+    ({"data/a.parquet": "", "README.md": CARD_TITLE, ".git/HEAD": "ref"},
+     "--overwrite replaces only an earlier export"),
+    ({"data/a.parquet": "", "data/notes.txt": "mine", "README.md": CARD_TITLE},
+     "--overwrite replaces only an earlier export"),
+    (None, "is a file, not a folder")])
+def test_export_overwrites_only_an_earlier_export(files, error, data_copy, tmp_path):
+    out = tmp_path / "out"
+    if files is None:
+        out.write_text("a file")
+    for name, text in (files or {}).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = files_in(out)
+    with pytest.raises(ExportError, match=f"^--out {out}: {error}"):
+        export_dataset(DataDir(data_copy), "demo", out, overwrite=True)
+    assert files_in(out) == before
+
+
+def test_an_earlier_exports_folder_may_be_overwritten(tmp_path):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "a.parquet").write_text("")
+    (out / "README.md").write_text(f"# demo: {CARD_TITLE}")
+    check_out(out, DataDir(tmp_path / "data"), overwrite=True)
+    with pytest.raises(ExportError, match="the folder is not empty; pass --overwrite"):
+        check_out(out, DataDir(tmp_path / "data"), overwrite=False)
