@@ -79,7 +79,6 @@ class RemoteEngine:
         self.wait_seconds = 0.0
         self._pending_requests: list[tuple] = []
         self._steps = 0
-        self._plans: dict[int, _RemotePlan] = {}
         self._unread: list[_RemotePlan] = []
         if not self._connection.poll(START_TIMEOUT_S):
             self._process.kill()
@@ -88,11 +87,12 @@ class RemoteEngine:
         for name, value in facts.items():
             setattr(self, name, value)
         self.device = torch.device(facts["device"])
+        # [max_num_seqs] int64: the drawn token of each of theta's rows, in theta's order
         self._tokens = torch.zeros(self.max_num_seqs, dtype=torch.long, device=self.device)
         self._tokens_ready = torch.cuda.Event(interprocess=True)
         self._tokens_ready.record()  # an event is shared once it exists
         self._connection.send(("buffers", self._tokens, self._tokens_ready))
-        self._logits: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None  # [max_num_seqs, logits width], the worker's
         self._logits_ready: torch.cuda.Event | None = None
         self._current: _RemotePlan | None = None
 
