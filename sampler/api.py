@@ -212,6 +212,9 @@ class OptimalSamplingV1:
     `max_num_seqs`, `dtype`, `enforce_eager`, ...); vLLM refuses one it does not know, with
     its own TypeError naming it. The lockstep needs prefix caching and chunked prefill off,
     so those two are overridden (with a warning).
+
+    `theta_process` (CUDA only) runs the student's engine in its own process, so that the two
+    engines' host work runs at once (`sampler.theta_process`; benchmarks/RESULTS.md, runs 7–8).
     """
 
     def __init__(self, model_teacher: str, model_theta: str,
@@ -223,7 +226,7 @@ class OptimalSamplingV1:
                  theta_system_prompt: str | None = None,
                  enable_chat_template: bool = True, track_alpha_stats: bool = True,
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-                 **kwargs: Any):
+                 theta_process: bool = False, **kwargs: Any):
         from transformers import AutoConfig
 
         self.mixing_defaults = MixingConfig(alpha_method=alpha_method, fixed_alpha=fixed_alpha,
@@ -262,7 +265,7 @@ class OptimalSamplingV1:
                     gpu_memory_utilization, *self.memory_split)
         self.pair: LockstepPair | None = LockstepPair.from_models(
             self.model_teacher, self.model_theta, self.vocab_size, self.stop_token_ids,
-            *engine_args)
+            *engine_args, theta_process=theta_process)
 
     @property
     def healthy(self) -> bool:

@@ -96,7 +96,8 @@ def _build_sampler(config: DatasetConfig, generation: Generation):
         teacher, theta, alpha_method=config.sampling.alpha_method,
         alpha_min=config.sampling.alpha_min, alpha_max=config.sampling.alpha_max,
         fixed_alpha=config.sampling.fixed_alpha, max_model_len=engine.max_model_len,
-        max_num_seqs=engine.max_num_seqs, dtype=engine.dtype, enforce_eager=engine.enforce_eager)
+        max_num_seqs=engine.max_num_seqs, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
+        theta_process=engine.theta_process)
 
 
 def shard_seed(config: DatasetConfig, shard: Shard) -> int:
