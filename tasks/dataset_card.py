@@ -11,7 +11,7 @@ catalog.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class PartitionFacts:
     curation: dict[str, object]
     card: dict[str, object]       # the dataset config's `card` section (license, task, ...)
     chat_templates: dict[str, str | None]
+    reproduce: str                # the distill command that made the partition
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -53,7 +54,12 @@ class PartitionFacts:
         if CARD_KEY not in metadata:
             raise ValueError(f"{where}: no {CARD_KEY.decode()} metadata; it was published "
                              "before dataset cards existed: run its date again")
-        return cls(**json.loads(metadata[CARD_KEY]))
+        facts = json.loads(metadata[CARD_KEY])
+        missing = [field.name for field in fields(cls) if field.name not in facts]
+        if missing:
+            raise ValueError(f"{where}: its {CARD_KEY.decode()} metadata lacks {missing}; it "
+                             "was published by an earlier version: run its date again")
+        return cls(**facts)
 
 
 @dataclass(frozen=True)

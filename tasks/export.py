@@ -108,8 +108,7 @@ def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date]
                              "export")
             offset += table.num_rows
         dates = sorted({p.run_date.isoformat() for p in partitions})
-        commands = [*(f"python -m flows.distill --dataset {dataset} --run-date {d}"
-                      for d in dates),
+        commands = [*dict.fromkeys(part.facts.reproduce for _, part in read),
                     " ".join([f"python -m flows.export --dataset {dataset} --out {out.name}",
                               *(f"--run-date {d}" for d in dates),
                               *(f"--generation {g}" for g in sorted(set(generations or ())))])]

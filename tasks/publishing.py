@@ -71,7 +71,7 @@ def curate(table: pa.Table, config: DatasetConfig, reference_answers: dict[str, 
 
 
 def publish_partition(table: pa.Table, path: Path, generation_settings: str,
-                      facts: PartitionFacts, command: str) -> None:
+                      facts: PartitionFacts) -> None:
     """Atomically replace one partition's file, then its dataset card beside it (README.md);
     other partitions are untouched. The card's facts are in the file's metadata too, so a
     crash between the two writes leaves a partition whose card the rerun rewrites."""
@@ -79,7 +79,7 @@ def publish_partition(table: pa.Table, path: Path, generation_settings: str,
                 CARD_KEY: facts.to_json()}
     write_atomically(table.replace_schema_metadata(metadata), path, "publish")
     card = render_card([CardPart(facts, json.loads(generation_settings))], table,
-                       [path.name], [command])
+                       [path.name], [facts.reproduce])
     write_text_atomically(card, path.with_name("README.md"), "publish-card")
 
 
@@ -93,7 +93,7 @@ def validation_summary(settled: list[SettledShard], overall: ValidationOutcome
 
 
 def partition_facts(config: DatasetConfig, ledger: RunLedger, curated: Curated, generated: int,
-                    validation: dict[str, object]) -> PartitionFacts:
+                    validation: dict[str, object], shard_size: int) -> PartitionFacts:
     """What the partition's card says beyond its rows (kept in its Parquet metadata)."""
     generation = ledger.generation
     return PartitionFacts(
@@ -107,7 +107,9 @@ def partition_facts(config: DatasetConfig, ledger: RunLedger, curated: Curated, 
         card=config.card.model_dump(),
         chat_templates={role: chat_template_of(local_checkpoint(checkpoint.path))
                         for role, checkpoint in (("teacher", generation.teacher),
-                                                 ("theta", generation.theta))})
+                                                 ("theta", generation.theta))},
+        reproduce=(f"python -m flows.distill --dataset {config.name} "
+                   f"--run-date {ledger.run_date.isoformat()} --shard-size {shard_size}"))
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,8 @@ def publish_passed(settled: list[SettledShard], prompts: list[StagedPrompt],
                       "alpha_max_config": sampling.alpha_max})
     path = ledger.data.partition(config.name, ledger.generation.key, ledger.run_date)
     facts = partition_facts(config, ledger, curated, generated.num_rows,
-                            validation_summary(settled, overall))
-    publish_partition(curated.table, path, ledger.generation.settings, facts,
-                      f"python -m flows.distill --dataset {config.name} "
-                      f"--run-date {ledger.run_date.isoformat()} --shard-size {shard_size}")
+                            validation_summary(settled, overall), shard_size)
+    publish_partition(curated.table, path, ledger.generation.settings, facts)
     ledger.mark_published([p.version for s in passed if s.shard.sample_round == FIRST_ROUND
                            for p in s.shard.prompts])
     ledger.refresh_views()

@@ -220,7 +220,9 @@ def test_export_writes_a_folder_that_load_dataset_opens(published, tmp_path, cap
         meta = front_matter(out / "README.md")
         assert meta["configs"][0]["data_files"][0]["path"] == result["files"]
         card = (out / "README.md").read_text()
-        assert "--run-date 2026-05-05" in card and f"--run-date {RUN_DATE}" in card
+        assert "--run-date 2026-05-05" in card      # the export command names both dates
+        assert f"python -m flows.distill --dataset demo --run-date {RUN_DATE} --shard-size 4" \
+            in card                                  # each partition's own command
 
         only = tmp_path / "one-date"
         assert export_main(["--dataset", "demo", "--out", str(only), "--data-dir",
