@@ -15,7 +15,7 @@ runs are queued. The parent:
    lost machine once Prefect marks it crashed) over new children, up to `MAX_ROUNDS` rounds;
    a shard a child failed on keeps that child's error (a rerun of the date redoes it);
 5. removes the work order.
-A run finds no worker online: it fails at once. A share waits in the pool while any worker
+A run that finds no worker online fails at once. A share waits in the pool while any worker
 is online (another run's share may hold the GPU), and is cancelled after
 `OFFLINE_GRACE_SECONDS` without one.
 A child builds its engine pair once, for its first shard, and keeps it for the rest. Shard
