@@ -21,7 +21,7 @@ from prefect import task
 from prefect.states import State
 
 from sampler.prompts import PromptFormat
-from tasks.config import REPO_ROOT, TINY_PREFIX, DatasetConfig
+from tasks.config import TINY_PREFIX, DatasetConfig
 from tasks.atomic_files import write_atomically
 from tasks.engines import ENGINES, EngineBuildError
 from tasks.layout import DataDir
@@ -29,8 +29,6 @@ from tasks.lineage import Generation
 from tasks.planning import Shard
 
 logger = logging.getLogger(__name__)
-
-GSM8K_PATH = Path(os.environ.get("GSM8K_PATH", REPO_ROOT / "data" / "gsm8k" / "test.jsonl"))
 
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("content_hash", pa.string()),

@@ -11,7 +11,9 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.generation import GSM8K_PATH  # noqa: E402 - after the environment is set
+from tasks.config import REPO_ROOT  # noqa: E402 - after the environment is set
+
+GSM8K_PATH = REPO_ROOT / "data" / "gsm8k" / "test.jsonl"
 
 
 @pytest.fixture(scope="session")
