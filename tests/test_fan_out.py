@@ -28,8 +28,9 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.distill import distill
+from flows.distill import RunFailed, distill
 from tasks.config import DATASETS_DIR, REPO_ROOT
+from tasks import fan_out
 from tasks.fan_out import online_workers
 
 RUN_DATE = date(2026, 3, 1)
@@ -128,6 +129,23 @@ def child_runs(run_id: str) -> list[FlowRun]:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(like_=run_id)))
+
+
+def test_no_worker_online_fails_the_run_at_once_naming_the_pool(deployment, demo, tmp_path):
+    with pytest.raises(fan_out.NoWorkers, match="no worker is online in work pool distill-gpu"):
+        distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
+                data_dir=str(tmp_path), fan_out=deployment)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_shares_no_worker_takes_are_cancelled_and_the_run_fails_naming_why(
+        deployment, demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(fan_out, "OFFLINE_GRACE_SECONDS", 3.0)
+    with pytest.raises(RunFailed, match="ended Cancelled: no worker online in work pool "
+                                        "distill-gpu for 3 s"):
+        distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
+                data_dir=str(tmp_path), fan_out=deployment, workers=2)
+    assert not list((tmp_path / "shards").rglob("*.parquet"))
 
 
 def test_two_workers_share_a_run_and_one_killed_mid_shard_loses_nothing(
