@@ -61,5 +61,6 @@ def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int:
         ENGINES.release()
     if failures:
         raise ShardsFailed("; ".join(failures))
-    get_run_logger().info("%d shards of run %s done", len(shard_keys), run_id)
+    get_run_logger().info("%d shards of run %s done on %d engine pair(s) built here",
+                          len(shard_keys), run_id, ENGINES.builds)
     return len(shard_keys)

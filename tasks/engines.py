@@ -32,6 +32,7 @@ class EngineCache:
         self._key: str | None = None
         self._sampler: Any = None
         self._build_failures: dict[str, str] = {}
+        self.builds = 0                  # pairs built by this process (a worker reports it)
 
     def run(self, key: str, build: Callable[[], Any], work: Callable[[Any], Result],
             describe: str) -> Result:
@@ -42,8 +43,10 @@ class EngineCache:
                 raise EngineBuildError(self._build_failures[key])
             if self._key != key:
                 self._discard()
+                logger.info("%s: building the engine pair", describe)
                 try:
                     self._sampler = build()
+                    self.builds += 1
                 except Exception as error:
                     self._build_failures[key] = (f"{describe}: cannot build the engine pair: "
                                                  f"{type(error).__name__}: {error}")

@@ -52,9 +52,8 @@ def find_partitions(data: DataDir, dataset: str, run_dates: list[date] | None = 
     """The dataset's published partitions, oldest date first; a chosen date or generation
     that has none is an error naming it."""
     folder = data.published / f"dataset={dataset}"
-    found = [Partition(path, path.parent.parent.name.removeprefix("generation="),
-                       date.fromisoformat(path.parent.name.removeprefix("run_date=")))
-             for path in folder.glob("generation=*/run_date=*/data.parquet")]
+    found = [Partition(path, generation, day)
+             for generation, day, path in data.dataset_partitions(dataset)]
     for option, chosen, have in (("--run-date", run_dates, {p.run_date for p in found}),
                                  ("--generation", generations, {p.generation for p in found})):
         missing = sorted(str(value) for value in set(chosen or ()) - have)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from prefect import unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled
@@ -153,10 +153,14 @@ def work_pool_of(deployment: str) -> str:
 def online_workers(pool: str) -> int:
     """Workers of `pool` that Prefect counts online (they sent a heartbeat lately)."""
     with get_client(sync_client=True) as client:
-        workers = client.read_workers_for_work_pool(pool)
-    online = sum(worker.status == WorkerStatus.ONLINE for worker in workers)
+        online = _count_online(client, pool)
     logger.info("%d workers online in work pool %s", online, pool)
     return online
+
+
+def _count_online(client: SyncPrefectClient, pool: str) -> int:
+    return sum(worker.status == WorkerStatus.ONLINE
+               for worker in client.read_workers_for_work_pool(pool))
 
 
 class Child(NamedTuple):
@@ -195,7 +199,7 @@ def _wait(children: list[Child], pool: str, paths: dict[str, Path],
                 return children
             waiting = [child.run for child in children
                        if child.run.state.is_scheduled() or child.run.state.is_pending()]
-            if waiting and online_workers(pool):
+            if waiting and _count_online(client, pool):
                 last_online = time.monotonic()
             elif waiting and time.monotonic() - last_online > OFFLINE_GRACE_SECONDS:
                 for run in waiting:

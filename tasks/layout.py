@@ -59,11 +59,17 @@ class DataDir:
         return (self.published / f"dataset={dataset}" / f"generation={generation}"
                 / f"run_date={run_date.isoformat()}" / "data.parquet")
 
+    def dataset_partitions(self, dataset: str) -> list[tuple[str, date, Path]]:
+        """Every published partition file of one dataset: (generation, run date, path)."""
+        folder = self.published / f"dataset={dataset}"
+        return [(path.parent.parent.name.removeprefix("generation="),
+                 date.fromisoformat(path.parent.name.removeprefix("run_date=")), path)
+                for path in folder.glob("generation=*/run_date=*/data.parquet")]
+
     def partitions(self, dataset: str, generation: str) -> dict[date, Path]:
         """The published partition files of one dataset and generation, by run date."""
-        folder = self.published / f"dataset={dataset}" / f"generation={generation}"
-        return {date.fromisoformat(path.parent.name.removeprefix("run_date=")): path
-                for path in folder.glob("run_date=*/data.parquet")}
+        return {day: path for key, day, path in self.dataset_partitions(dataset)
+                if key == generation}
 
     def published_glob(self) -> str:
         """Every published partition file, as the catalog's `published` view reads them."""

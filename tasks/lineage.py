@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 #: The code that turns prompts into samples; its hash is the sampler version. Commits that
 #: touch only other files (README, tests, flows) leave finished shards valid.
-GENERATION_CODE = ("sampler", "tasks/generation.py")
+GENERATION_CODE = ("sampler", "tasks/shard_rows.py")
 #: Small checkpoint files that pin what a model computes and how it renders its prompt.
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                     "tokenizer_config.json", "chat_template.jinja",
