@@ -28,7 +28,7 @@ from tasks.dataset_card import (CARD_KEY, GENERATION_KEY, CardPart, PartitionFac
 from tasks.ledger import RunLedger, now
 from tasks.lineage import local_checkpoint
 from tasks.planning import FIRST_ROUND
-from tasks.settling import SettledShard
+from tasks.settling import SettledShard, run_problems
 from tasks.staging import StagedPrompt
 from tasks.training_columns import add_training_columns
 from tasks.validation import ValidationOutcome, suite_summary, validate_dataset
@@ -129,7 +129,7 @@ def publish_passed(settled: list[SettledShard], prompts: list[StagedPrompt],
     A date with nothing new (every prompt's first samples are published elsewhere, no
     samples_per_run) publishes nothing and has no problem.
     """
-    problems = [s.problem for s in settled if s.problem]
+    problems = run_problems(settled)
     passed = [s for s in settled if s.passed is not None]
     if problems and config.validation.all_or_nothing:
         return Publication(None, 0, None,

@@ -26,6 +26,7 @@ class SettledShard:
     passed: pa.Table | None           # the rows to publish, when the shard passed
     validation: ValidationOutcome | None
     problem: str | None               # why it is not published
+    cause: str | None = None          # a failed shard's error, without the shard's name
 
     def table_row(self) -> dict[str, object]:
         """One line of the run's shard table artifact."""
@@ -52,14 +53,28 @@ def settle_shard(shard: Shard, outcome: ShardOutcome | BaseException, config: Da
                  ledger: RunLedger) -> SettledShard:
     """Check a shard's generation (or its failure), and record the outcome."""
     if isinstance(outcome, BaseException):
+        cause = str(outcome)[:2000]
         settled = SettledShard(shard, "failed", 0, None, None,
-                               f"shard {shard.index} failed: {outcome}"[:2000])
+                               f"shard {shard.index} failed: {cause}", cause)
     else:
         settled = check_shard(outcome, config, ledger)
     ledger.record_shard(index=shard.index, key=shard.key, sample_round=shard.sample_round,
                         prompts=len(shard.prompts), status=settled.status, rows=settled.rows,
                         validation=settled.validation, error=settled.problem)
     return settled
+
+
+def run_problems(settled: list[SettledShard]) -> list[str]:
+    """The shards' problems for the run's message, each failure cause once with the shards it
+    hit: a pair that cannot be built fails every shard with the same error."""
+    shards_by_cause: dict[str, list[int]] = {}
+    for item in settled:
+        if item.status == "failed":
+            shards_by_cause.setdefault(item.cause or "", []).append(item.shard.index)
+    problems = [f"shard{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))} "
+                f"failed: {cause}" for cause, indices in shards_by_cause.items()]
+    return problems + [item.problem for item in settled
+                       if item.problem and item.status != "failed"]
 
 
 def check_shard(outcome: ShardOutcome, config: DatasetConfig, ledger: RunLedger

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -297,6 +299,52 @@ def test_models_with_different_tokenizers_fail_the_run_with_the_reason(harness, 
     config = write_config(tmp_path, "mismatched", **{"theta: tiny:theta": f"theta: {other}"})
     with pytest.raises(RunFailed, match="tokenizers differ"):
         distill(dataset=str(config), run_date=RUN_DATE, data_dir=str(tmp_path / "data"))
+
+
+def test_a_pair_the_engine_cannot_build_fails_each_shard_once_with_one_message(
+        harness, tmp_path, tiny_pair):
+    """Weights with a tensor missing pass the checks before the run (the header is sound) but
+    vLLM refuses to load them: the pair is built once, no shard is retried, and the run's
+    message says the cause once, naming every shard it hit."""
+    from safetensors.torch import load_file, save_file
+
+    theta = tmp_path / "theta-without-final-norm"
+    shutil.copytree(tiny_pair[1], theta)
+    tensors = load_file(theta / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, theta / "model.safetensors", metadata={"format": "pt"})
+    config = write_config(tmp_path, "unbuildable", **SHORT,
+                          **{"theta: tiny:theta": f"theta: {theta}"})
+    data_dir = tmp_path / "data"
+    with pytest.raises(RunFailed) as failure:
+        distill(dataset=str(config), run_date=RUN_DATE, shard_size=4, data_dir=str(data_dir))
+    message = str(failure.value)
+    assert message.count("cannot build the engine pair") == 1, message
+    assert "shards 0, 1, 2 failed: models.teacher " in message, message
+    assert f"models.theta {str(theta)!r}: cannot build the engine pair" in message, message
+    assert "model.norm.weight" in message, message
+    assert catalog(data_dir, "SELECT status, count(*) FROM shards GROUP BY status") == \
+        [("failed", 3)]
+    assert not (data_dir / "published").exists()
+    (flow_run_id,), = catalog(data_dir, "SELECT flow_run_id FROM runs")
+    assert shard_attempts(flow_run_id) == [1, 1, 1]
+
+
+def shard_attempts(flow_run_id: str) -> list[int]:
+    """How often each generate-shard task of a flow run ran, once the server has recorded
+    all three as failed (task run states reach it as events, a moment later)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [task_run for task_run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                if task_run.name.startswith("generate-shard")]
+            if [r.state_name for r in runs] == ["Failed"] * 3 or time.monotonic() > deadline:
+                return sorted(r.run_count for r in runs)
+            time.sleep(0.5)
 
 
 def test_all_or_nothing_gate_keeps_the_partition_unpublished(harness, tmp_path):
