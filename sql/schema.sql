@@ -106,3 +106,9 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS code_dirty BOOLEAN;
 ALTER TABLE runs ALTER COLUMN generation_hash DROP NOT NULL;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS generation VARCHAR;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS sample_round VARCHAR;
+
+-- The hash of this file's text, written last: a connection to a catalog that has it skips
+-- the file (its ALTERs would write to the catalog's log on every connection).
+CREATE TABLE IF NOT EXISTS schema_version (schema_hash VARCHAR NOT NULL);
+DELETE FROM schema_version;
+INSERT INTO schema_version VALUES ($schema_hash);

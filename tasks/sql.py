@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -40,6 +41,22 @@ def run_sql(connection: duckdb.DuckDBPyConnection, name: str,
     return connection
 
 
+@cache
+def schema_hash() -> str:
+    """Version of sql/schema.sql: the hash of its text."""
+    return hashlib.sha256(query("schema").encode()).hexdigest()[:16]
+
+
+def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
+    """Run sql/schema.sql unless it last ran to its end on this catalog in this version."""
+    try:
+        current = run_sql(connection, "schema_version").fetchone()[0]
+    except duckdb.CatalogException:          # a new catalog, or one made before versions
+        current = None
+    if current != schema_hash():
+        run_sql(connection, "schema", schema_hash=schema_hash())
+
+
 def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a warehouse file with the schema in place.
 
@@ -56,7 +73,7 @@ def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnectio
             if "lock" not in str(error).lower() or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
-    run_sql(connection, "schema")
+    ensure_schema(connection)
     return connection
 
 

@@ -101,3 +101,39 @@ def test_validation_frame_flags_bad_arrays_row_by_row():
                                          "e#2026-01-02#0"]
     assert not {"alpha", "token_ids", "teacher_prompt_ids", "theta_prompt_ids"} & set(
         frame.columns)
+
+
+def test_the_schema_runs_once_per_version_of_it(tmp_path):
+    """A catalog whose schema version matches is left alone; an older one is brought up."""
+    from tasks.sql import connect, schema_hash
+
+    path = tmp_path / "catalog.duckdb"
+    connect(path).close()
+
+    def shard_columns() -> set[str]:
+        connection = duckdb.connect(str(path))
+        try:
+            return {row[0] for row in connection.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'shards'").fetchall()}
+        finally:
+            connection.close()
+
+    def alter(statement: str) -> None:
+        connection = duckdb.connect(str(path))
+        connection.execute(statement)
+        connection.close()
+
+    assert "sample_round" in shard_columns()
+    alter("ALTER TABLE shards DROP COLUMN sample_round")
+    connect(path).close()
+    assert "sample_round" not in shard_columns()          # same version: schema.sql skipped
+    alter("UPDATE schema_version SET schema_hash = 'older'")
+    connection = connect(path)
+    assert connection.execute("SELECT * FROM schema_version").fetchall() == [(schema_hash(),)]
+    connection.close()
+    assert "sample_round" in shard_columns()              # older version: brought up to date
+    alter("DROP TABLE schema_version")                     # a catalog made before versions
+    alter("ALTER TABLE shards DROP COLUMN sample_round")
+    connect(path).close()
+    assert "sample_round" in shard_columns()
