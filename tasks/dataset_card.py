@@ -79,14 +79,21 @@ def columns_without(columns: list[str], names: tuple[str, ...]) -> list[str]:
     return [column for column in columns if column not in names]
 
 
+def union(lists) -> list[str]:
+    """The distinct items of several lists, in first-seen order."""
+    return list(dict.fromkeys(item for items in lists for item in items))
+
+
 def header(parts: list[CardPart], columns: list[str], data_files: list[str], rows: int) -> str:
     """The YAML front matter; three configs over the same files, each with the columns of one
     way of training (TRL's SFTTrainer takes input_ids over prompt/completion over messages)."""
-    card = parts[0].facts.card
+    cards = [part.facts.card for part in parts]
+    licenses = sorted({card["license"] for card in cards})
     meta = {
-        "license": card["license"],
-        "language": card["language"],
-        "task_categories": card["task_categories"],
+        "license": licenses[0] if len(licenses) == 1 else "other",
+        **({} if len(licenses) == 1 else {"license_name": " and ".join(licenses)}),
+        "language": union(card["language"] for card in cards),
+        "task_categories": union(card["task_categories"] for card in cards),
         "tags": ["distillation", "synthetic", "optimal-sampling"],
         "pretty_name": f"{parts[0].facts.dataset} (optimal-sampling distillation)",
         "size_categories": [next((name for bound, name in SIZE_CATEGORIES if rows < bound),
@@ -188,13 +195,32 @@ def partition_table(parts: list[CardPart]) -> list[str]:
     return lines
 
 
+def curation_lines(parts: list[CardPart]) -> list[str]:
+    """How rows were curated; partitions curated differently are listed by run date."""
+    by_curation: dict[str, list[str]] = {}
+    for part in parts:
+        key = json.dumps(part.facts.curation, sort_keys=True)
+        by_curation.setdefault(key, []).append(part.facts.run_date)
+    lines = []
+    for key, run_dates in by_curation.items():
+        curation = json.loads(key)
+        truncated = ("kept, with `truncated` set" if curation["keep_truncated"]
+                     else "left out")
+        check = (f"`{curation['answer_check']}` against source column "
+                 f"`{curation['reference_column']}`" if curation["answer_check"] else "none")
+        where = "" if len(by_curation) == 1 else f"run dates {', '.join(run_dates)}: "
+        lines.append(f"- {where}rows that stopped at max_tokens: {truncated}; answer check: "
+                     f"{check}")
+    return lines
+
+
 def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
                 commands: list[str]) -> str:
     """The whole card for the rows of `parts` (all in `table`), stored in `data_files`."""
     first = parts[0]
     generations = {part.facts.generation: part for part in parts}
-    sampling = first.settings["sampling"]
-    curation = first.facts.curation
+    alpha_low = min(part.settings["sampling"]["alpha_min"] for part in parts)
+    alpha_high = max(part.settings["sampling"]["alpha_max"] for part in parts)
     body = [
         f"# {first.facts.dataset}: {CARD_TITLE}", "",
         first.facts.description, "",
@@ -233,19 +259,14 @@ def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
         "## Importance weights", "", *importance_summary(table), "",
         "Self-normalise within a batch or the dataset: w_i = exp(lw_i − max lw) / Σ_j exp(lw_j "
         "− max lw). Per token, exp(log_theta − log_q) is θ(y)/q(y).", "",
-        "## Curation", "",
-        f"- rows that stopped at max_tokens: "
-        f"{'kept, with `truncated` set' if curation['keep_truncated'] else 'left out'}",
-        f"- answer check: `{curation['answer_check']}` against source column "
-        f"`{curation['reference_column']}`" if curation["answer_check"] else
-        "- answer check: none", "",
+        "## Curation", "", *curation_lines(parts), "",
         "## Partitions and validation", "", *partition_table(parts), "",
         "Shard validation (Great Expectations) checks every row: text and both models' prompt "
         "ids present, token counts, finish reasons, per-row α within range, per-token arrays "
         "as long as the token count, log-probs finite and ≤ 0, unique rows; the dataset suite "
         "checks the row count, uniqueness and the share of rows that hit max_tokens.", "",
-        f"## α per token (range [{sampling['alpha_min']}, {sampling['alpha_max']}])", "",
-        *alpha_histogram(table, sampling["alpha_min"], sampling["alpha_max"]), "",
+        f"## α per token (range [{alpha_low}, {alpha_high}])", "",
+        *alpha_histogram(table, alpha_low, alpha_high), "",
         "## How it was generated", "",
         *(line for part in generations.values() for line in generation_section(part, table)),
         "## Reproduce", "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from flows.export import main as export_main
 from sampler.errors import ConfigError
 from tasks.answer_checks import gsm8k_final_answer
 from tasks.config import DATASETS_DIR, parse_dataset_config
-from tasks.dataset_card import CARD_TITLE, PartitionFacts
+from tasks.dataset_card import (CARD_TITLE, GENERATION_KEY, CardPart, PartitionFacts,
+                                render_card)
 from tasks.export import ExportError, check_out, export_dataset
 from tasks.layout import DataDir
 from tasks.publishing import curate
@@ -59,7 +61,11 @@ def load(folder: Path, config: str, cache: Path):
 
 
 def front_matter(card: Path) -> dict:
-    return yaml.safe_load(card.read_text().split("---\n")[1])
+    return front_matter_of(card.read_text())
+
+
+def front_matter_of(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
 
 
 def sft_args(output_dir: Path, batch: int):
@@ -132,6 +138,30 @@ def test_the_partition_card_holds_the_resolved_config_counts_and_histogram(publi
         assert text in card, text
     tokens = sum(len(a) for a in table["alpha"].to_pylist())
     assert f"{tokens:,} tokens: mean" in card
+
+
+def test_a_card_over_partitions_curated_and_licensed_differently_says_so(published):
+    """An export may join dates whose curation, α clamp or license changed in between."""
+    table = pq.read_table(published["partition"])
+    first = CardPart(PartitionFacts.from_metadata(table.schema.metadata, "partition"),
+                     json.loads(table.schema.metadata[GENERATION_KEY]))
+    settings = json.loads(json.dumps(first.settings))
+    settings["sampling"]["alpha_min"] = 0.25
+    later = CardPart(replace(first.facts, run_date="2026-05-05",
+                             curation={**first.facts.curation, "keep_truncated": True},
+                             card={**first.facts.card, "license": "cc-by-4.0"}), settings)
+    card = render_card([first, later], table, ["data/a.parquet"], ["python -m flows.export"])
+    meta = front_matter_of(card)
+    assert meta["license"] == "other" and meta["license_name"] == "cc-by-4.0 and mit"
+    assert meta["task_categories"] == ["text-generation"]
+    assert (f"- run dates {RUN_DATE}: rows that stopped at max_tokens: left out; answer "
+            "check: none") in card
+    assert ("- run dates 2026-05-05: rows that stopped at max_tokens: kept, with `truncated` "
+            "set; answer check: none") in card
+    assert "## α per token (range [0.25, 1.0])" in card and "| 0.250–0.325 |" in card
+    alone = render_card([first], table, ["data/a.parquet"], ["python -m flows.export"])
+    assert front_matter_of(alone)["license"] == "mit" and "license_name" not in alone
+    assert "- rows that stopped at max_tokens: left out; answer check: none" in alone
 
 
 def test_sft_trainer_trains_on_the_exact_tokens_with_the_prompt_masked(published, tmp_path):
