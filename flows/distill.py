@@ -37,6 +37,7 @@ from tasks.planning import plan_shards
 from tasks.publishing import publish_passed
 from tasks.reporting import report_run, summarize
 from tasks.settling import settle_shard
+from tasks.validation import build_validation_docs
 from tasks.staging import stage_prompts
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DISTILL_DATA_DIR", REPO_ROOT / "data"))
@@ -88,6 +89,7 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
                                            data)
         settled = [settle_shard(s, o, config, ledger) for s, o in zip(shards, outcomes)]
         publication = publish_passed(settled, prompts, config, ledger, shard_size)
+        build_validation_docs(data)
         summary = summarize(ledger, settled, publication)
         ledger.finish(summary.status, summary.rows_published,
                       "; ".join(summary.problems) or None)

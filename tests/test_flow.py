@@ -109,7 +109,9 @@ def test_demo_publishes_rows_with_lineage_and_views(first_run):
     result = json.loads(Path(sql(data_dir, "SELECT result_path FROM validations LIMIT 1")[0][0])
                         .read_text())
     assert result["success"] is True and len(result["results"]) >= 10
-    assert Path(summary["docs"].removeprefix("file://")).exists()
+    docs = Path(summary["docs"].removeprefix("file://"))
+    assert docs.exists()      # rendered once, after the last validation: a page for each
+    assert len(list((docs.parent / "validations").rglob("*.html"))) == 4
 
 
 def test_demo_run_leaves_artifacts_and_histogram(first_run):
