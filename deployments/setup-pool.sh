@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates the work pools the deployments run on (idempotent):
+# Creates the work pools the deployments run on, and the automation that crashes GPU shares
+# whose machine stopped answering (idempotent):
 #   distill-pool  the distill flows (staging, planning, validation, publishing; CPU work)
 #   distill-gpu   the GPU workers' share of each run (flows/shard_worker.py): start one worker
 #                 per GPU with deployments/start-gpu-workers.sh on every GPU machine.
@@ -11,3 +12,4 @@ prefect work-pool create distill-gpu --type process --overwrite
 # Earlier versions limited tasks tagged `gpu` to one at a time across all workers; that limit
 # would now hold every GPU worker to one shard at a time.
 prefect concurrency-limit delete gpu >/dev/null 2>&1 || true
+python "$(dirname "$0")/crash_unresponsive_runs.py"

@@ -1,5 +1,7 @@
-"""Named crash points for the fault suite: `DISTILL_CRASH_AT=<point>[:<n>]` kills this
-process with SIGKILL the n-th time (default first) it reaches <point>. Unset, it does nothing."""
+"""Named crash points for the fault suite: `DISTILL_CRASH_AT=<point>[:<n>][:machine]` kills
+this process with SIGKILL the n-th time (default first) it reaches <point>; with `:machine` it
+stops its whole process group instead (SIGSTOP: a worker and its flow run freeze mid-work and
+nothing reports their end, as when a machine stops answering). Unset, it does nothing."""
 
 from __future__ import annotations
 
@@ -17,10 +19,14 @@ def crash_point(point: str) -> None:
     wanted = os.environ.get("DISTILL_CRASH_AT")
     if not wanted:
         return
-    name, _, count = wanted.partition(":")
+    name, _, rest = wanted.partition(":")
+    count, _, scope = rest.partition(":")
     if name != point:
         return
     with _lock:
         _reached[point] += 1
         if _reached[point] == int(count or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+            if scope == "machine":
+                os.killpg(os.getpgid(0), signal.SIGSTOP)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -37,6 +37,8 @@ from tasks.fan_out import online_workers
 RUN_DATE = date(2026, 3, 1)
 SHARD_SIZE = 2                 # the demo's 12 prompts in 6 shards, 3 to each worker
 DEPLOYMENT = "generate-shards/gpu"
+HEARTBEAT = 30                 # seconds between a share's heartbeats (Prefect's least)
+UNRESPONSIVE_AFTER = 60        # a share silent this long is crashed (two heartbeats missed)
 BUILDS_REPORTED = re.compile(r"shards of run \S+ done on (\d+) engine pair")  # shard_worker
 PROVENANCE = {"generated_run_id", "generated_at", "published_run_id", "published_at",
               "generated_dirty"}
@@ -60,8 +62,9 @@ def prefect_env(api_url: str, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def deployment(api_url) -> str:
-    """The pools and the GPU workers' deployment, made by the project's own scripts."""
-    env = prefect_env(api_url)
+    """The pools, the automation that crashes silent shares (after 60 s here) and the GPU
+    workers' deployment, made by the project's own scripts."""
+    env = prefect_env(api_url, DISTILL_UNRESPONSIVE_AFTER_SECONDS=str(UNRESPONSIVE_AFTER))
     for command in (["bash", "deployments/setup-pool.sh"],
                     [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
                      "deployments/prefect.yaml", "--name", "gpu"]):
@@ -94,11 +97,14 @@ def one_process(api_url, demo, tmp_path_factory) -> pa.Table:
 
 @contextmanager
 def workers(api_url: str, logs: Path, crash_first_at: str | None = None) -> Iterator[None]:
-    """Two workers on distill-gpu, each one flow run at a time; the first one's flow runs
-    die at `crash_first_at` (a crash point) if given."""
+    """Two workers on distill-gpu, each one flow run at a time, their flow runs sending
+    heartbeats as start-gpu-workers.sh sets; the first one's flow runs die (or its machine
+    stops answering) at `crash_first_at` (a crash point, tasks/faults.py) if given."""
     processes = []
     for index in range(2):
-        extra = {"DISTILL_CRASH_AT": crash_first_at} if crash_first_at and index == 0 else {}
+        extra = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT)}
+        if crash_first_at and index == 0:
+            extra["DISTILL_CRASH_AT"] = crash_first_at
         log = (logs / f"worker-{index}.log").open("w")
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "distill-gpu",
@@ -178,3 +184,28 @@ def test_two_workers_share_a_run_and_one_killed_mid_shard_loses_nothing(
               for n in BUILDS_REPORTED.findall(log.read_text())]
     assert builds == [1, 1, 1], "each child that finished built one pair, not one per shard"
     assert not (data_dir / "work").exists() or not any((data_dir / "work").iterdir())
+
+
+def test_a_gpu_machine_that_stops_answering_mid_shard_loses_nothing(
+        api_url, deployment, demo, one_process, tmp_path):
+    """The first worker and its flow run freeze while it writes its 2nd shard (SIGSTOP of
+    their process group): nothing reports the share's end, so the automation made by
+    setup-pool.sh crashes it once its heartbeats stop, and round 2 deals its 2 unwritten
+    shards out again; the worker still answering runs them."""
+    data_dir = tmp_path / "data"
+    with workers(api_url, tmp_path, crash_first_at="shard-write:2:machine"):
+        summary = distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
+                          data_dir=str(data_dir), fan_out=deployment)
+
+    assert summary["status"] == "published", summary
+    assert published(data_dir, summary).equals(one_process), "other rows were published"
+    children = {run.name.removeprefix(summary["run_id"] + "-"): run
+                for run in child_runs(summary["run_id"])}
+    first_round = sorted((run for name, run in children.items() if name.startswith("r1-")),
+                         key=lambda run: run.state.name)
+    assert [run.state.name for run in first_round] == ["Completed", "Crashed"]
+    assert first_round[1].state.message == (f"no heartbeat for {UNRESPONSIVE_AFTER} s: its "
+                                            "machine stopped answering")
+    second_round = [run for name, run in children.items() if name.startswith("r2-")]
+    assert [run.state.name for run in second_round] == ["Completed", "Completed"]
+    assert len(list((data_dir / "shards" / "demo").glob("*.parquet"))) == 6
