@@ -129,17 +129,19 @@ def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: 
     progress = _progress_bar(run_id)
     errors: dict[str, str] = {}
     pending = [shard for shard in shards if shard.key not in reused]
-    for round_number in range(1, MAX_ROUNDS + 1):
-        if not pending:
-            break
-        children = _start_children(deployment, pending, shares, data, run_id, round_number)
-        finished = _wait(children, pool, paths, progress)
-        crashed = _record_unwritten(finished, paths, errors)
-        pending = [shard for shard in pending if shard.key in crashed]
-        if pending and round_number < MAX_ROUNDS:
-            logger.warning("%d shards lost with crashed workers; dealing them out again",
-                           len(pending))
-    order.unlink()
+    try:
+        for round_number in range(1, MAX_ROUNDS + 1):
+            if not pending:
+                break
+            children = _start_children(deployment, pending, shares, data, run_id, round_number)
+            finished = _wait(children, pool, paths, progress)
+            crashed = _record_unwritten(finished, paths, errors)
+            pending = [shard for shard in pending if shard.key in crashed]
+            if pending and round_number < MAX_ROUNDS:
+                logger.warning("%d shards lost with crashed workers; dealing them out again",
+                               len(pending))
+    finally:
+        order.unlink()
     return [ShardOutcome(shard, str(paths[shard.key]), reused=shard.key in reused)
             if paths[shard.key].exists() else ShardNotGenerated(errors[shard.key])
             for shard in shards]
