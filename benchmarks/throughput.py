@@ -10,8 +10,8 @@ plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
 - baseline: `vllm.LLM.generate` of the teacher with vLLM's default settings;
 - mixed: the lockstep pair with kl_symmetry, steps overlapped (async scheduling); first the
   fused mixing kernels against the torch path on random logits of the real size; after the
-  timed runs, the smallest batch again with the same seed (its sequences must repeat
-  token for token), one profiled run splitting step time into phases (device synchronised, so
+  timed runs, the smallest batch again with the same seed (the sequences that repeat
+  token for token are counted), one profiled run splitting step time into phases (device synchronised, so
   phases do not overlap there), a run with stop tokens (pairs stop one step before the
   scheduler learns of it), and a record of a few sequences for the log-prob check;
 - mixed_process: as mixed, with the theta engine in its own process (`sampler.theta_process`),

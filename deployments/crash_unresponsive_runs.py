@@ -4,9 +4,10 @@ heartbeats stop.
 A GPU machine that is lost mid-run (power, network, eviction) cannot report its flow runs'
 end, so they would stay Running and the distill flow waiting on them would wait for ever;
 marked Crashed, their unwritten shards are dealt out again (tasks/fan_out.py). Shard worker
-runs (flow `generate-shards`) send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds
-(start-gpu-workers.sh sets 30); one silent for DISTILL_UNRESPONSIVE_AFTER_SECONDS (default:
-three heartbeats) is crashed. Prefect's recipe: docs.prefect.io/v3/advanced/detect-zombie-flows.
+runs (flow `generate-shards`) send a heartbeat every 30 s (the `gpu` deployment's environment
+in prefect.yaml; Prefect's default is 180 s); one silent for DISTILL_UNRESPONSIVE_AFTER_SECONDS
+(default 90: three heartbeats) is crashed. Prefect's recipe:
+docs.prefect.io/v3/advanced/detect-zombie-flows.
 
     python deployments/crash_unresponsive_runs.py      # setup-pool.sh runs it
 """
@@ -27,14 +28,12 @@ logger = logging.getLogger("crash_unresponsive_runs")
 
 NAME = "distill: crash unresponsive GPU shares"
 SHARD_WORKER_FLOW = "generate-shards"          # flows/shard_worker.py
-WORKER_HEARTBEAT_SECONDS = 30                  # start-gpu-workers.sh
+SHARE_HEARTBEAT_SECONDS = 30                   # the gpu deployment's, deployments/prefect.yaml
 
 
 def unresponsive_after() -> timedelta:
-    default = 3 * int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
-                                     WORKER_HEARTBEAT_SECONDS))
     return timedelta(seconds=float(os.environ.get("DISTILL_UNRESPONSIVE_AFTER_SECONDS",
-                                                  default)))
+                                                  3 * SHARE_HEARTBEAT_SECONDS)))
 
 
 def automation(silent_for: timedelta) -> Automation:

@@ -12,4 +12,4 @@ prefect work-pool create distill-gpu --type process --overwrite
 # Earlier versions limited tasks tagged `gpu` to one at a time across all workers; that limit
 # would now hold every GPU worker to one shard at a time.
 prefect concurrency-limit delete gpu >/dev/null 2>&1 || true
-python "$(dirname "$0")/crash_unresponsive_runs.py"
+python3 "$(dirname "$0")/crash_unresponsive_runs.py"

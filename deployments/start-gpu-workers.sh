@@ -19,10 +19,7 @@ for ((gpu = 0; gpu < gpus; gpu++)); do
     echo "GPU $gpu: worker $(cat "$pidfile") is running"
     continue
   fi
-  # Heartbeats every 30 s: a share whose machine is lost is crashed after 90 s of silence
-  # (deployments/crash_unresponsive_runs.py) and its shards are dealt out again.
-  CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$threads PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 \
-    nohup prefect worker start \
+  CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$threads nohup prefect worker start \
     --pool distill-gpu --limit 1 --name "$(hostname)-gpu$gpu" \
     > "prefect-gpu-worker-$gpu.log" 2>&1 &
   echo $! > "$pidfile"

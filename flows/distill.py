@@ -89,7 +89,8 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
                                            data)
         settled = [settle_shard(s, o, config, ledger) for s, o in zip(shards, outcomes)]
         publication = publish_passed(settled, prompts, config, ledger, shard_size)
-        build_validation_docs(data)
+        if any(s.validation is not None for s in settled):
+            build_validation_docs(data)
         summary = summarize(ledger, settled, publication)
         ledger.finish(summary.status, summary.rows_published,
                       "; ".join(summary.problems) or None)

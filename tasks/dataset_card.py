@@ -90,8 +90,7 @@ def header(parts: list[CardPart], columns: list[str], data_files: list[str], row
     cards = [part.facts.card for part in parts]
     licenses = sorted({card["license"] for card in cards})
     meta = {
-        "license": licenses[0] if len(licenses) == 1 else "other",
-        **({} if len(licenses) == 1 else {"license_name": " and ".join(licenses)}),
+        "license": licenses[0] if len(licenses) == 1 else licenses,
         "language": union(card["language"] for card in cards),
         "task_categories": union(card["task_categories"] for card in cards),
         "tags": ["distillation", "synthetic", "optimal-sampling"],

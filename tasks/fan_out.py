@@ -141,7 +141,7 @@ def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: 
                 logger.warning("%d shards lost with crashed workers; dealing them out again",
                                len(pending))
     finally:
-        order.unlink()
+        order.unlink(missing_ok=True)
     return [ShardOutcome(shard, str(paths[shard.key]), reused=shard.key in reused)
             if paths[shard.key].exists() else ShardNotGenerated(errors[shard.key])
             for shard in shards]

@@ -19,14 +19,14 @@ def crash_point(point: str) -> None:
     wanted = os.environ.get("DISTILL_CRASH_AT")
     if not wanted:
         return
-    name, _, rest = wanted.partition(":")
-    count, _, scope = rest.partition(":")
+    name, *options = wanted.split(":")
     if name != point:
         return
+    count = next((int(option) for option in options if option.isdigit()), 1)
     with _lock:
         _reached[point] += 1
-        if _reached[point] == int(count or 1):
-            if scope == "machine":
+        if _reached[point] == count:
+            if "machine" in options:
                 os.killpg(os.getpgid(0), signal.SIGSTOP)
             else:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -37,8 +37,8 @@ from tasks.fan_out import online_workers
 RUN_DATE = date(2026, 3, 1)
 SHARD_SIZE = 2                 # the demo's 12 prompts in 6 shards, 3 to each worker
 DEPLOYMENT = "generate-shards/gpu"
-HEARTBEAT = 30                 # seconds between a share's heartbeats (Prefect's least)
-UNRESPONSIVE_AFTER = 60        # a share silent this long is crashed (two heartbeats missed)
+UNRESPONSIVE_AFTER = 60        # a share silent this long is crashed (its deployment's
+                               # heartbeat is every 30 s, deployments/prefect.yaml)
 BUILDS_REPORTED = re.compile(r"shards of run \S+ done on (\d+) engine pair")  # shard_worker
 PROVENANCE = {"generated_run_id", "generated_at", "published_run_id", "published_at",
               "generated_dirty"}
@@ -71,6 +71,9 @@ def deployment(api_url) -> str:
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
+    with get_client(sync_client=True) as client:
+        shares = client.read_deployment_by_name(DEPLOYMENT)
+    assert shares.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     return DEPLOYMENT
 
 
@@ -97,14 +100,12 @@ def one_process(api_url, demo, tmp_path_factory) -> pa.Table:
 
 @contextmanager
 def workers(api_url: str, logs: Path, crash_first_at: str | None = None) -> Iterator[None]:
-    """Two workers on distill-gpu, each one flow run at a time, their flow runs sending
-    heartbeats as start-gpu-workers.sh sets; the first one's flow runs die (or its machine
-    stops answering) at `crash_first_at` (a crash point, tasks/faults.py) if given."""
+    """Two workers on distill-gpu, each one flow run at a time; the first one's flow runs
+    die (or its machine stops answering) at `crash_first_at` (a crash point,
+    tasks/faults.py) if given."""
     processes = []
     for index in range(2):
-        extra = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT)}
-        if crash_first_at and index == 0:
-            extra["DISTILL_CRASH_AT"] = crash_first_at
+        extra = {"DISTILL_CRASH_AT": crash_first_at} if crash_first_at and index == 0 else {}
         log = (logs / f"worker-{index}.log").open("w")
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "distill-gpu",

@@ -302,7 +302,7 @@ def test_models_with_different_tokenizers_fail_the_run_with_the_reason(harness, 
 
 
 def test_a_pair_the_engine_cannot_build_fails_each_shard_once_with_one_message(
-        harness, tmp_path, tiny_pair):
+        harness, tmp_path, tiny_pair, caplog):
     """Weights with a tensor missing pass the checks before the run (the header is sound) but
     vLLM refuses to load them: the pair is built once, no shard is retried, and the run's
     message says the cause once, naming every shard it hit."""
@@ -316,9 +316,10 @@ def test_a_pair_the_engine_cannot_build_fails_each_shard_once_with_one_message(
     config = write_config(tmp_path, "unbuildable", **SHORT,
                           **{"theta: tiny:theta": f"theta: {theta}"})
     data_dir = tmp_path / "data"
-    with pytest.raises(RunFailed) as failure:
+    with pytest.raises(RunFailed) as failure, caplog.at_level(logging.INFO, "tasks.engines"):
         distill(dataset=str(config), run_date=RUN_DATE, shard_size=4, data_dir=str(data_dir))
     message = str(failure.value)
+    assert caplog.text.count("building the engine pair") == 1, caplog.text
     assert message.count("cannot build the engine pair") == 1, message
     assert "shards 0, 1, 2 failed: models.teacher " in message, message
     assert f"models.theta {str(theta)!r}: cannot build the engine pair" in message, message
