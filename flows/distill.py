@@ -37,8 +37,8 @@ from tasks.planning import plan_shards
 from tasks.publishing import publish_passed
 from tasks.reporting import report_run, summarize
 from tasks.settling import settle_shard
-from tasks.validation import build_validation_docs
 from tasks.staging import stage_prompts
+from tasks.validation import build_validation_docs
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DISTILL_DATA_DIR", REPO_ROOT / "data"))
 
