@@ -278,15 +278,14 @@ def compare_modes(work: Path, pair_name: str, other: str) -> dict:
     paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in ("mixed", other)]
     if not all(path.exists() for path in paths):
         return {"error": "an arm did not record its tokens"}
-    overlapped, serial = (json.loads(path.read_text()) for path in paths)
+    mixed, others = (json.loads(path.read_text()) for path in paths)
     agreeing = []
-    for key, tokens in overlapped.items():
-        other = serial.get(key, [])
-        differing = [i for i, (a, b) in enumerate(zip(tokens, other)) if a != b]
-        agreeing.append(differing[0] if differing else min(len(tokens), len(other)))
-    return {"sequences": len(overlapped),
-            "identical": sum(a == b for a, b in
-                             ((overlapped[k], serial.get(k)) for k in overlapped)),
+    for key, tokens in mixed.items():
+        theirs = others.get(key, [])
+        differing = [i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b]
+        agreeing.append(differing[0] if differing else min(len(tokens), len(theirs)))
+    return {"sequences": len(mixed),
+            "identical": sum(a == b for a, b in ((mixed[k], others.get(k)) for k in mixed)),
             "mean_tokens_before_first_difference": float(np.mean(agreeing))}
 
 

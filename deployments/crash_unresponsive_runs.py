@@ -28,7 +28,9 @@ logger = logging.getLogger("crash_unresponsive_runs")
 
 NAME = "distill: crash unresponsive GPU shares"
 SHARD_WORKER_FLOW = "generate-shards"          # flows/shard_worker.py
-SHARE_HEARTBEAT_SECONDS = 30                   # the gpu deployment's, deployments/prefect.yaml
+#: The gpu deployment's PREFECT_FLOWS_HEARTBEAT_FREQUENCY in deployments/prefect.yaml: change
+#: both together, or healthy shares are crashed (or lost ones found late).
+SHARE_HEARTBEAT_SECONDS = 30
 
 
 def unresponsive_after() -> timedelta:

@@ -70,7 +70,8 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
 def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
          fan_out: str | None, workers: int | None) -> dict:
     """The five steps, run while holding the (dataset, date) lock; the ledger records them."""
-    if removed := remove_stale_temporaries(data.shards, data.published):
+    if removed := remove_stale_temporaries(data.shards, data.published, data.work,
+                                           data.validations):
         get_run_logger().info("removed %d temporary files left by crashed writers", removed)
     ledger = RunLedger(data, config, run_date, str(flow_run.get_id() or "local"))
     with ledger.failure_recorded():

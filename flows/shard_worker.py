@@ -21,19 +21,21 @@ from tasks.lineage import Generation, describe_generation
 
 
 class ShardsFailed(RuntimeError):
-    """Some shards of the share failed; the others were written."""
+    """Some shards of the share failed (the message: each distinct cause); the others were
+    written."""
 
 
 class OtherGeneration(RuntimeError):
     """This worker's code or checkpoints would make rows of another generation."""
 
 
-def check_same_generation(config: DatasetConfig, expected: Generation) -> None:
-    """Refuse the share if this machine's sampler code or checkpoints differ from the parent's:
-    its rows would carry the parent's lineage but not be what it describes."""
+def check_same_generation(config: DatasetConfig, expected: Generation) -> Generation:
+    """This machine's generation: the same as the parent's (sampler code and checkpoint
+    fingerprints), with the checkpoint paths found here, which the share loads and its rows
+    record; refused if it differs (its rows would not be what the run describes)."""
     here = describe_generation(config, resolve_models(config))
     if here.key == expected.key:
-        return
+        return here
     differences = [f"{name} {mine!r} here, {theirs!r} in the run" for name, mine, theirs in (
         ("sampler_version", here.sampler_version, expected.sampler_version),
         ("teacher fingerprint", here.teacher.fingerprint, expected.teacher.fingerprint),
@@ -49,18 +51,21 @@ def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int:
     built for the first and kept for the rest. Returns how many were generated or reused."""
     data = DataDir(Path(data_dir))
     order = read_work_order(data, run_id)
-    check_same_generation(order.config, order.generation)
-    failures = []
+    generation = check_same_generation(order.config, order.generation)
+    causes: dict[str, list[int]] = {}
     try:
         for shard in order.select(shard_keys):
             try:
-                generate_shard(shard, order.config, order.generation, run_id, data)
+                generate_shard(shard, order.config, generation, run_id, data)
             except Exception as error:  # noqa: BLE001 - the share's other shards go on
-                failures.append(f"shard {shard.index}: {error}")
+                causes.setdefault(str(error), []).append(shard.index)
     finally:
         ENGINES.release()
-    if failures:
-        raise ShardsFailed("; ".join(failures))
+    if causes:
+        # Each cause once, without the shards: the parent names them, and shares that failed
+        # the same way (a pair no worker can build) then read as one problem.
+        get_run_logger().error("failed shards by cause: %s", causes)
+        raise ShardsFailed(" | ".join(causes))
     get_run_logger().info("%d shards of run %s done on %d engine pair(s) built here",
                           len(shard_keys), run_id, ENGINES.builds)
     return len(shard_keys)

@@ -15,9 +15,10 @@ runs are queued. The parent:
    lost machine once Prefect marks it crashed) over new children, up to `MAX_ROUNDS` rounds;
    a shard a child failed on keeps that child's error (a rerun of the date redoes it);
 5. removes the work order.
-A run that finds no worker online fails at once. A share waits in the pool while any worker
-is online (another run's share may hold the GPU), and is cancelled after
-`OFFLINE_GRACE_SECONDS` without one.
+A run that finds no worker online fails at once, unless `workers` gives the number of shares
+(its shares then wait as below). A share waits in the pool while any worker is online
+(another run's share may hold the GPU), and is cancelled after `OFFLINE_GRACE_SECONDS`
+without one.
 A child builds its engine pair once, for its first shard, and keeps it for the rest. Shard
 files are written atomically and named by content, and a shard's seed comes from its content
 (`shard_seed`), so neither the number of GPUs nor which worker wrote a shard changes a row.
@@ -124,7 +125,7 @@ def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: 
     shares = workers or online_workers(pool)
     if not shares:
         raise NoWorkers(f"fan_out {deployment}: no worker is online in work pool {pool}; start "
-                        f"one per GPU (deployments/start-gpu-workers.sh) or pass workers")
+                        f"one per GPU (deployments/start-gpu-workers.sh)")
     order = write_work_order(WorkOrder(config, generation, run_id, tuple(shards)), data)
     progress = _progress_bar(run_id)
     errors: dict[str, str] = {}
@@ -217,11 +218,16 @@ def _record_unwritten(children: list[Child], paths: dict[str, Path], errors: dic
     crashed (their process died), which may be dealt out again."""
     crashed = set()
     for run, keys in children:
-        for key in keys:
-            if paths[key].exists():
-                continue
-            errors[key] = (f"child flow run {run.name} ended {run.state.name}: "
-                           f"{run.state.message or 'no message'}")
+        unwritten = [key for key in keys if not paths[key].exists()]
+        if not unwritten:
+            continue
+        # The child's name goes to the log, not the error, so that shares that ended the
+        # same way make one problem in the run's message (tasks/settling.run_problems).
+        message = f"its GPU share ended {run.state.name}: {run.state.message or 'no message'}"
+        logger.warning("child flow run %s left %d shards unwritten: %s", run.name,
+                       len(unwritten), message)
+        for key in unwritten:
+            errors[key] = message
             if run.state.is_crashed():
                 crashed.add(key)
     return crashed

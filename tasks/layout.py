@@ -43,14 +43,23 @@ class DataDir:
     def shard(self, dataset: str, key: str) -> Path:
         return self.shards / dataset / f"{key}.parquet"
 
+    @property
+    def work(self) -> Path:
+        """Work orders of fanned-out runs (tasks/fan_out.py)."""
+        return self.root / "work"
+
+    @property
+    def validations(self) -> Path:
+        return self.root / "validation"
+
     def work_order(self, run_id: str) -> Path:
-        return self.root / "work" / f"{run_id}.json"
+        return self.work / f"{run_id}.json"
 
     def quarantined(self, dataset: str, run_id: str, name: str) -> Path:
         return self.root / "quarantine" / dataset / run_id / name
 
     def validation(self, run_id: str) -> Path:
-        return self.root / "validation" / run_id
+        return self.validations / run_id
 
     def reports(self, run_id: str) -> Path:
         return self.root / "reports" / run_id
