@@ -13,9 +13,12 @@ plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
   timed runs, the smallest batch again with the same seed (the sequences that repeat
   token for token are counted), one profiled run splitting step time into phases (device synchronised, so
   phases do not overlap there), a run with stop tokens (pairs stop one step before the
-  scheduler learns of it), and a record of a few sequences for the log-prob check;
+  scheduler learns of it), a record of a few sequences for the log-prob check, and a run
+  under cProfile (the main process's busiest functions, ms a step);
 - mixed_process: as mixed, with the theta engine in its own process (`sampler.theta_process`),
-  so both engines' host work runs at once; its tokens are compared with the mixed arm's;
+  so both engines' host work runs at once; its tokens are compared with the mixed arm's, and
+  for the recorded sequences, which engine's log-probs differ before the first differing
+  token;
 - mixed_serial: the same pair with serial steps (no async scheduling), for comparison; its
   batch-64 tokens are compared with the overlapped arm's;
 - check: transformers recomputes log t(y) and log θ(y) of the recorded sequences.
@@ -26,9 +29,11 @@ Results: results.json (every arm's figures, and a failed arm's log tail) and res
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
 import os
+import pstats
 import subprocess
 import sys
 import time
@@ -193,6 +198,23 @@ def measure_device_busy(pair, requests, config, batch: int) -> dict:
             "decode_busy_ms_per_step": per_step, "limit_tok_per_s": 1e3 * batch / per_step}
 
 
+def profile_host(pair, requests, config, top: int = 25) -> dict:
+    """One run under cProfile: where the main process spends its time, in ms a step (the
+    profiler slows Python code, so shares matter, not totals)."""
+    profiler = cProfile.Profile()
+    steps_before = pair.steps_run
+    profiler.enable()
+    pair.generate(requests, config, seed=3, show_progress=False)
+    profiler.disable()
+    steps = pair.steps_run - steps_before
+    stats = pstats.Stats(profiler).stats
+    busiest = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return {"steps": steps, "functions": [
+        {"function": f"{Path(file).name}:{line}:{name}", "calls_per_step": calls / steps,
+         "own_ms_per_step": 1e3 * own / steps, "cumulative_ms_per_step": 1e3 * cumulative / steps}
+        for (file, line, name), (_, calls, own, cumulative, _) in busiest]}
+
+
 def run_mixed(args: argparse.Namespace) -> dict:
     from sampler.lockstep import LockstepPair, PairRequest
     from sampler.mixing import MixingConfig
@@ -245,12 +267,13 @@ def run_mixed(args: argparse.Namespace) -> dict:
     stops = check_stops(pair, requests, config)
     if overlap:
         Path(args.record).write_text(json.dumps(record))
+    host_profile = profile_host(pair, requests(max(args.batches), 128), config)
     if not in_process:
         # Synchronised phases and the profiler see this process's device work only.
         pair.shutdown()
         return {"overlapped_steps": pair.overlapped, "throughput": results,
                 "tokens_checked_in_lockstep": pair.tokens_checked, "stop_tokens_run": stops,
-                **gpu_facts()}
+                "host_profile": host_profile, **gpu_facts()}
     device_busy = measure_device_busy(pair, requests, config, max(args.batches)) \
         if overlap else None
     profile_batch, profile_tokens = max(args.batches), 256
@@ -266,27 +289,44 @@ def run_mixed(args: argparse.Namespace) -> dict:
     alphas = np.concatenate([t.columns[:, 1] for t in traces.values()])
     return {"overlapped_steps": pair.overlapped, "throughput": results,
             "tokens_checked_in_lockstep": pair.tokens_checked, "kernels": kernels,
-            "stop_tokens_run": stops, "device_busy": device_busy,
+            "stop_tokens_run": stops, "device_busy": device_busy, "host_profile": host_profile,
             "profile": {"batch": profile_batch, "new_tokens": profile_tokens, "steps": steps,
                         "ms_per_step": phases_ms},
             "alpha": {"mean": float(alphas.mean()), "min": float(alphas.min()),
                       "max": float(alphas.max())}, **gpu_facts()}
 
 
+def first_difference(tokens: list[int], theirs: list[int]) -> int:
+    differing = [i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b]
+    return differing[0] if differing else min(len(tokens), len(theirs))
+
+
 def compare_modes(work: Path, pair_name: str, other: str) -> dict:
-    """The smallest batch's token sequences of the mixed arm and another, one by one."""
+    """The smallest batch's token sequences of the mixed arm and another, one by one; for the
+    recorded sequences, the largest difference of each recorded value while the tokens agree
+    (which engine's forward pass, or the mixing, differs between the arms)."""
     paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in ("mixed", other)]
     if not all(path.exists() for path in paths):
         return {"error": "an arm did not record its tokens"}
     mixed, others = (json.loads(path.read_text()) for path in paths)
-    agreeing = []
-    for key, tokens in mixed.items():
-        theirs = others.get(key, [])
-        differing = [i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b]
-        agreeing.append(differing[0] if differing else min(len(tokens), len(theirs)))
-    return {"sequences": len(mixed),
-            "identical": sum(a == b for a, b in ((mixed[k], others.get(k)) for k in mixed)),
-            "mean_tokens_before_first_difference": float(np.mean(agreeing))}
+    agreeing = [first_difference(tokens, others.get(key, [])) for key, tokens in mixed.items()]
+    comparison = {"sequences": len(mixed),
+                  "identical": sum(a == b for a, b in ((mixed[k], others.get(k)) for k in mixed)),
+                  "mean_tokens_before_first_difference": float(np.mean(agreeing))}
+    records = [work / f"{pair_name}-{arm}-record.json" for arm in ("mixed", other)]
+    if all(path.exists() for path in records):
+        from sampler.lockstep import TRACE_COLUMNS
+
+        mine, theirs = (json.loads(path.read_text()) for path in records)
+        largest = np.zeros(len(TRACE_COLUMNS) - 1)
+        for key, item in mine.items():
+            a, b = np.asarray(item["columns"]), np.asarray(theirs[key]["columns"])
+            agree = first_difference(a[:, 0].tolist(), b[:, 0].tolist())
+            if agree:
+                largest = np.maximum(largest, np.abs(a[:agree, 1:] - b[:agree, 1:]).max(axis=0))
+        comparison["recorded_largest_difference_while_tokens_agree"] = dict(
+            zip(TRACE_COLUMNS[1:], largest.tolist()))
+    return comparison
 
 
 def run_check(args: argparse.Namespace) -> dict:
@@ -322,10 +362,14 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
     teacher, theta = PAIRS[pair_name]
     out = Path(args.work)
     result_path = out / f"{pair_name}-{arm}.json"
+    # The check recomputes the in-process arm's record, else the theta-process arm's.
+    record_arm = arm if arm != "check" else next(
+        (a for a in ("mixed", "mixed_process")
+         if (out / f"{pair_name}-{a}-record.json").exists()), "mixed")
     command = [sys.executable, __file__, "--arm", arm, "--teacher", teacher, "--theta", theta,
                "--models", args.models, "--out", args.out, "--work", args.work,
                "--result", str(result_path),
-               "--record", str(out / f"{pair_name}-record.json"),
+               "--record", str(out / f"{pair_name}-{record_arm}-record.json"),
                "--tokens", str(out / f"{pair_name}-{arm}-tokens.json"),
                "--new-tokens", str(args.new_tokens),
                "--batches", ",".join(map(str, args.batches))]

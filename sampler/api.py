@@ -213,8 +213,10 @@ class OptimalSamplingV1:
     its own TypeError naming it. The lockstep needs prefix caching and chunked prefill off,
     so those two are overridden (with a warning).
 
-    `theta_process` (CUDA only) runs the student's engine in its own process, so that the two
-    engines' host work runs at once (`sampler.theta_process`; benchmarks/RESULTS.md, runs 7–8).
+    `theta_process` runs the student's engine in its own process, so that the two engines'
+    host work runs at once (`sampler.theta_process`): 0.75–0.77× plain vLLM for a 7B + 0.5B
+    pair on three H100 machines against 0.55–0.66× in one process (benchmarks/RESULTS.md,
+    runs 8–10). It needs CUDA; None (the default) turns it on where CUDA is, off elsewhere.
     """
 
     def __init__(self, model_teacher: str, model_theta: str,
@@ -226,7 +228,8 @@ class OptimalSamplingV1:
                  theta_system_prompt: str | None = None,
                  enable_chat_template: bool = True, track_alpha_stats: bool = True,
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-                 theta_process: bool = False, **kwargs: Any):
+                 theta_process: bool | None = None, **kwargs: Any):
+        import torch
         from transformers import AutoConfig
 
         self.mixing_defaults = MixingConfig(alpha_method=alpha_method, fixed_alpha=fixed_alpha,
@@ -265,7 +268,8 @@ class OptimalSamplingV1:
                     gpu_memory_utilization, *self.memory_split)
         self.pair: LockstepPair | None = LockstepPair.from_models(
             self.model_teacher, self.model_theta, self.vocab_size, self.stop_token_ids,
-            *engine_args, theta_process=theta_process)
+            *engine_args,
+            theta_process=torch.cuda.is_available() if theta_process is None else theta_process)
 
     @property
     def healthy(self) -> bool:

@@ -18,8 +18,9 @@ process writes step n+1's tokens only after it waited for step n+1's logits.
 
 Messages (main → worker): `schedule` (new requests; the worker adds them, schedules,
 executes and shares its logits), `force`, `update`, `abort`, `shutdown`. Replies come in
-request order; a failure in the worker comes back as `error` with its traceback and is
-raised in the main process as `LockstepError`.
+request order and name their step, which the main process checks; a failure in the worker
+comes back as `error` with its traceback, and a worker that exits or stops answering is
+seen by the main process: each is raised there as `LockstepError`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 900
 #: Seconds the main process waits for the worker to exit after `shutdown`.
 STOP_TIMEOUT_S = 60
+#: Seconds the main process waits for one reply of a running worker (a step takes well under
+#: a second; longer means the worker hangs, and the run should fail rather than wait).
+REPLY_TIMEOUT_S = 300
 
 
 @dataclass
@@ -91,17 +95,32 @@ class RemoteEngine:
         self._tokens = torch.zeros(self.max_num_seqs, dtype=torch.long, device=self.device)
         self._tokens_ready = torch.cuda.Event(interprocess=True)
         self._tokens_ready.record()  # an event is shared once it exists
-        self._connection.send(("buffers", self._tokens, self._tokens_ready))
+        self._send(("buffers", self._tokens, self._tokens_ready))
         self._logits: torch.Tensor | None = None  # [max_num_seqs, logits width], the worker's
         self._logits_ready: torch.cuda.Event | None = None
         self._current: _RemotePlan | None = None
 
+    def _exited(self) -> LockstepError:
+        self._process.join(STOP_TIMEOUT_S)
+        return LockstepError(f"the theta engine process exited (exit code "
+                             f"{self._process.exitcode})")
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._connection.send(message)
+        except OSError as error:
+            raise self._exited() from error
+
     def _reply(self, expected: str) -> Any:
         start = time.perf_counter()
+        if not self._connection.poll(REPLY_TIMEOUT_S):
+            self._process.kill()
+            raise LockstepError(f"the theta engine process did not answer for "
+                                f"{REPLY_TIMEOUT_S} s (waiting for {expected!r}); killed it")
         try:
             kind, payload = self._connection.recv()
-        except EOFError as error:
-            raise LockstepError("the theta engine process exited") from error
+        except (EOFError, OSError) as error:
+            raise self._exited() from error
         self.wait_seconds += time.perf_counter() - start
         if kind == "error":
             raise LockstepError(f"theta engine process failed:\n{payload}")
@@ -118,17 +137,20 @@ class RemoteEngine:
         """Send the step (with the requests added since the last one); returns at once."""
         plan = _RemotePlan(self._steps)
         self._steps += 1
-        self._connection.send(("schedule", plan.step, self._pending_requests))
+        self._send(("schedule", plan.step, self._pending_requests))
         self._pending_requests = []
         self._unread.append(plan)
         return plan
 
     def _read_schedule(self, plan: _RemotePlan) -> None:
         while plan.rows is None:
+            if not self._unread:
+                raise LockstepError(f"step {plan.step} of the theta engine process was never "
+                                    f"sent")
             pending = self._unread.pop(0)
-            payload = self._reply("scheduled")
-            pending.new, pending.cached, pending.preempted, pending.rows, pending.has_logits, \
-                shared = payload
+            step, pending.new, pending.cached, pending.preempted, pending.rows, \
+                pending.has_logits, shared = self._reply("scheduled")
+            _check_step(pending.step, step, "schedule")
             if shared is not None:
                 self._logits, self._logits_ready = shared
 
@@ -152,19 +174,20 @@ class RemoteEngine:
         rows = token_ids.shape[0]
         self._tokens[:rows].copy_(token_ids)
         self._tokens_ready.record()
-        self._connection.send(("force", self._current.step, rows))
+        self._send(("force", self._current.step, rows))
         return _RemoteOutput()
 
     def begin_update(self, plan: _RemotePlan, output: Any) -> None:
         """Ask for the step's update now, so the worker runs it beside the teacher's."""
-        self._connection.send(("update", plan.step))
+        self._send(("update", plan.step))
 
     def update(self, plan: _RemotePlan, output: Any) -> StepResult:
-        request_ids, new_token_ids, finish_reasons = self._reply("updated")
+        step, request_ids, new_token_ids, finish_reasons = self._reply("updated")
+        _check_step(plan.step, step, "update")
         return StepResult(request_ids, new_token_ids, finish_reasons)
 
     def abort(self, request_ids: list[str]) -> None:
-        self._connection.send(("abort", request_ids))
+        self._send(("abort", request_ids))
 
     def shutdown(self) -> None:
         """Stop the worker (it frees its engine); kill it if it does not exit."""
@@ -177,6 +200,12 @@ class RemoteEngine:
             logger.error("theta engine process did not exit; killing it")
             self._process.kill()
             self._process.join()
+
+
+def _check_step(expected: int, replied: int, what: str) -> None:
+    if replied != expected:
+        raise LockstepError(f"the theta engine process answered step {replied}'s {what} "
+                            f"where step {expected}'s was due")
 
 
 def _worker_main(connection: Any, model: str, engine_args: dict[str, Any],
@@ -223,16 +252,17 @@ def _serve(connection: Any, model: str, engine_args: dict[str, Any],
                 logits_buffer[:len(rows)].copy_(logits)
                 logits_ready.record()
             steps[step] = [plan, output]
-            connection.send(("scheduled", (new, cached, preempted, rows, output is None,
-                                           shared)))
+            connection.send(("scheduled", (step, new, cached, preempted, rows,
+                                           output is None, shared)))
         elif kind == "force":
             _, step, rows = message
             torch.cuda.current_stream().wait_event(tokens_ready)
             steps[step][1] = engine.sample_forced(tokens[:rows])
         elif kind == "update":
-            plan, output = steps.pop(message[1])
+            step = message[1]
+            plan, output = steps.pop(step)
             result = engine.update(plan, output)
-            connection.send(("updated", (result.request_ids, result.new_token_ids,
+            connection.send(("updated", (step, result.request_ids, result.new_token_ids,
                                          result.finish_reasons)))
         elif kind == "abort":
             engine.abort(message[1])

@@ -94,8 +94,9 @@ class EngineConfig(Strict):
     max_num_seqs: int = 256
     dtype: str = "auto"
     enforce_eager: bool = False
-    #: The student's engine in its own process (CUDA only; see OptimalSamplingV1).
-    theta_process: bool = False
+    #: The student's engine in its own process (needs CUDA; unset: on where CUDA is; see
+    #: OptimalSamplingV1).
+    theta_process: bool | None = None
 
 
 class ValidationConfig(Strict):

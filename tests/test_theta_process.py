@@ -1,0 +1,79 @@
+"""The student's engine in its own process (CUDA only: it shares logits by CUDA IPC).
+
+It must change where theta's host work runs and nothing else: the same tokens, α and
+log-probs as both engines in one process. A worker that dies or stops answering fails the
+call with `LockstepError` (the sampler then reports itself unhealthy) instead of hanging it.
+Run on the GPU machine with `pytest --noconftest tests/test_theta_process.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="a theta engine process needs CUDA")
+
+from sampler import OptimalSamplingV1  # noqa: E402
+from sampler.errors import LockstepError  # noqa: E402
+from sampler.tiny_models import tiny_pair_paths  # noqa: E402
+
+GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test.jsonl"
+ENGINE_ARGS = {"max_model_len": 512, "max_num_seqs": 16, "dtype": "bfloat16",
+               "enforce_eager": True, "gpu_memory_utilization": 0.2}
+
+
+def problems(count: int) -> list[str]:
+    with GSM8K.open() as handle:
+        return [json.loads(next(handle))["question"] for _ in range(count)]
+
+
+def build(theta_process: bool) -> OptimalSamplingV1:
+    return OptimalSamplingV1(*map(str, tiny_pair_paths()), theta_process=theta_process,
+                             alpha_min=0.0, alpha_max=1.0, **ENGINE_ARGS)
+
+
+def test_theta_in_its_own_process_gives_the_in_process_tokens_and_records():
+    prompts = problems(12)
+    outputs = {}
+    for theta_process in (False, True):
+        sampler = build(theta_process)
+        try:
+            outputs[theta_process] = sampler.generate(prompts, max_tokens=64, seed=3)
+        finally:
+            sampler.cleanup()
+    alone, remote = outputs[False], outputs[True]
+    alphas = np.concatenate([np.asarray(a) for a in alone.alpha_history])
+    assert 0.0 < np.median(alphas) < 1.0, "a trained pair mixes at interior α"
+    for row in range(len(prompts)):
+        assert alone.errors[row] is None and remote.errors[row] is None
+        assert remote.generated_ids[row] == alone.generated_ids[row], f"row {row}"
+        for name in ("alpha_history", "teacher_logprobs", "theta_logprobs", "mixed_logprobs"):
+            assert np.array_equal(getattr(remote, name)[row], getattr(alone, name)[row]), \
+                f"row {row}: {name}"
+
+
+@pytest.mark.parametrize("failure", ["dies", "hangs"])
+def test_a_theta_process_that_dies_or_hangs_fails_the_call(monkeypatch, failure):
+    import sampler.theta_process as theta_process
+
+    monkeypatch.setattr(theta_process, "REPLY_TIMEOUT_S", 10)
+    sampler = build(True)
+    try:
+        assert sampler.generate(problems(2), max_tokens=8, seed=0).errors == [None, None]
+        worker = sampler.pair.theta._process
+        os.kill(worker.pid, signal.SIGKILL if failure == "dies" else signal.SIGSTOP)
+        expected = "exited" if failure == "dies" else "did not answer for 10 s"
+        with pytest.raises(LockstepError, match=expected):
+            sampler.generate(problems(2), max_tokens=8, seed=0)
+        assert not sampler.healthy
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        sampler.cleanup()
