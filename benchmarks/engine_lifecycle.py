@@ -27,7 +27,7 @@ def build_pair(models: Path, name: str):
     args = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 64,
             "max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.3}
     return LockstepPair.from_models(str(models / name), str(models / name), None, [], args,
-                                    dict(args), overlap_steps=True)
+                                    dict(args), overlap_steps=True, theta_process=False)
 
 
 def requests(count: int):

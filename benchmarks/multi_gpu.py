@@ -53,7 +53,7 @@ def run_worker(args: argparse.Namespace) -> None:
     pair = LockstepPair.from_models(
         str(Path(args.models) / args.teacher), str(Path(args.models) / args.theta), None, [],
         {**ENGINE_ARGS, "gpu_memory_utilization": 0.55},
-        {**ENGINE_ARGS, "gpu_memory_utilization": 0.3})
+        {**ENGINE_ARGS, "gpu_memory_utilization": 0.3}, theta_process=False)
     config = MixingConfig(alpha_method="kl_symmetry")
     pair.generate([PairRequest(0, teacher_prompts[0], theta_prompts[0], 16)], config, seed=0,
                   show_progress=False)

@@ -297,6 +297,7 @@ def run_mixed(args: argparse.Namespace) -> dict:
 
 
 def first_difference(tokens: list[int], theirs: list[int]) -> int:
+    """How many leading tokens two sequences share."""
     differing = [i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b]
     return differing[0] if differing else min(len(tokens), len(theirs))
 
@@ -318,12 +319,14 @@ def compare_modes(work: Path, pair_name: str, other: str) -> dict:
         from sampler.lockstep import TRACE_COLUMNS
 
         mine, theirs = (json.loads(path.read_text()) for path in records)
-        largest = np.zeros(len(TRACE_COLUMNS) - 1)
+        largest, compared = np.zeros(len(TRACE_COLUMNS) - 1), 0
         for key, item in mine.items():
             a, b = np.asarray(item["columns"]), np.asarray(theirs[key]["columns"])
             agree = first_difference(a[:, 0].tolist(), b[:, 0].tolist())
             if agree:
                 largest = np.maximum(largest, np.abs(a[:agree, 1:] - b[:agree, 1:]).max(axis=0))
+            compared += agree
+        comparison["recorded_tokens_compared"] = compared
         comparison["recorded_largest_difference_while_tokens_agree"] = dict(
             zip(TRACE_COLUMNS[1:], largest.tolist()))
     return comparison
@@ -383,6 +386,8 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
         return {"error": f"exit {code}", "log_tail": tail}
     result = json.loads(result_path.read_text())
     result["process_seconds"] = time.perf_counter() - start
+    if arm == "check":
+        result["recomputed_arm"] = record_arm
     return result
 
 
@@ -430,6 +435,9 @@ def main() -> None:
     results = {"command": " ".join(sys.argv), "pairs": {}}
     for pair_name in args.pairs.split(","):
         arms = results["pairs"][pair_name] = {}
+        # Tokens and records compared below come from this invocation's arms only.
+        for stale in Path(args.work).glob(f"{pair_name}-*.json"):
+            stale.unlink()
         for arm in args.arms.split(","):
             arms[arm] = run_arm_in_subprocess(arm, pair_name, args)
             Path(args.out, "results.json").write_text(json.dumps(results, indent=1))

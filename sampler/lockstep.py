@@ -203,6 +203,9 @@ class LockstepPair:
                 f"one engine schedules asynchronously and the other does not (teacher "
                 f"{teacher.overlaps_steps}, theta {theta.overlaps_steps})")
         self.overlapped = teacher.overlaps_steps
+        if theta.remote and not self.overlapped:
+            raise LockstepError("a theta engine process needs overlapped steps, and vLLM turned "
+                                "async scheduling off for these engines")
         self.tokens_checked = 0
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
@@ -215,17 +218,21 @@ class LockstepPair:
     @classmethod
     def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
                     stop_token_ids: list[int], teacher_args: dict, theta_args: dict,
-                    overlap_steps: bool = True, theta_process: bool = False) -> LockstepPair:
+                    overlap_steps: bool = True, theta_process: bool | None = None
+                    ) -> LockstepPair:
         """Build both engines (teacher first); mix over `vocab_size` or both logit widths.
 
         `overlap_steps` uses async scheduling where vLLM supports it (CUDA), else serial steps.
         `theta_process` runs theta in a worker process (CUDA with overlapped steps only), so
-        that both engines' host work runs at once (`sampler.theta_process`).
+        that both engines' host work runs at once (`sampler.theta_process`); None runs it
+        there wherever the teacher's engine came up on CUDA with overlapped steps.
         """
         if theta_process and not (overlap_steps and torch.cuda.is_available()):
             raise LockstepError("a theta engine process needs CUDA and overlapped steps")
         logger.info("building teacher engine for %s", model_teacher)
         teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
+        if theta_process is None:
+            theta_process = teacher.overlaps_steps and teacher.device.type == "cuda"
         logger.info("building theta engine for %s%s", model_theta,
                     " in its own process" if theta_process else "")
         try:

@@ -84,8 +84,18 @@ class RemoteEngine:
         self._pending_requests: list[tuple] = []
         self._steps = 0
         self._unread: list[_RemotePlan] = []
+        self._logits: torch.Tensor | None = None  # [max_num_seqs, logits width], the worker's
+        self._logits_ready: torch.cuda.Event | None = None
+        self._current: _RemotePlan | None = None
+        try:
+            self._start()
+        except BaseException:
+            self._stop_now()
+            raise
+
+    def _start(self) -> None:
+        """Wait for the worker's engine; share the drawn-token buffer and its event."""
         if not self._connection.poll(START_TIMEOUT_S):
-            self._process.kill()
             raise LockstepError("the theta engine process did not start in time")
         facts = self._reply("ready")
         for name, value in facts.items():
@@ -96,12 +106,21 @@ class RemoteEngine:
         self._tokens_ready = torch.cuda.Event(interprocess=True)
         self._tokens_ready.record()  # an event is shared once it exists
         self._send(("buffers", self._tokens, self._tokens_ready))
-        self._logits: torch.Tensor | None = None  # [max_num_seqs, logits width], the worker's
-        self._logits_ready: torch.cuda.Event | None = None
-        self._current: _RemotePlan | None = None
+
+    def _stop_now(self) -> None:
+        """Kill the worker and reap it (a failed start leaves no engine to shut down)."""
+        self._process.kill()
+        self._process.join()
+        self._connection.close()
 
     def _exited(self) -> LockstepError:
+        """The error for a closed pipe: the worker has exited (reaped here, killed if not)."""
         self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+            return LockstepError("the theta engine process closed its pipe without exiting; "
+                                 "killed it")
         return LockstepError(f"the theta engine process exited (exit code "
                              f"{self._process.exitcode})")
 
@@ -115,6 +134,7 @@ class RemoteEngine:
         start = time.perf_counter()
         if not self._connection.poll(REPLY_TIMEOUT_S):
             self._process.kill()
+            self._process.join()
             raise LockstepError(f"the theta engine process did not answer for "
                                 f"{REPLY_TIMEOUT_S} s (waiting for {expected!r}); killed it")
         try:
@@ -145,8 +165,8 @@ class RemoteEngine:
     def _read_schedule(self, plan: _RemotePlan) -> None:
         while plan.rows is None:
             if not self._unread:
-                raise LockstepError(f"step {plan.step} of the theta engine process was never "
-                                    f"sent")
+                raise LockstepError(f"the theta engine process's schedule of step {plan.step} "
+                                    f"is lost (an earlier reply failed)")
             pending = self._unread.pop(0)
             step, pending.new, pending.cached, pending.preempted, pending.rows, \
                 pending.has_logits, shared = self._reply("scheduled")
@@ -203,6 +223,7 @@ class RemoteEngine:
 
 
 def _check_step(expected: int, replied: int, what: str) -> None:
+    """Replies come in request order; a reply for another step means the two sides parted."""
     if replied != expected:
         raise LockstepError(f"the theta engine process answered step {replied}'s {what} "
                             f"where step {expected}'s was due")

@@ -94,8 +94,8 @@ class EngineConfig(Strict):
     max_num_seqs: int = 256
     dtype: str = "auto"
     enforce_eager: bool = False
-    #: The student's engine in its own process (needs CUDA; unset: on where CUDA is; see
-    #: OptimalSamplingV1).
+    #: The student's engine in its own process (unset: wherever the engines run on CUDA with
+    #: overlapped steps; see OptimalSamplingV1).
     theta_process: bool | None = None
 
 

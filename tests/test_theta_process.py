@@ -3,7 +3,7 @@
 It must change where theta's host work runs and nothing else: the same tokens, α and
 log-probs as both engines in one process. A worker that dies or stops answering fails the
 call with `LockstepError` (the sampler then reports itself unhealthy) instead of hanging it.
-Run on the GPU machine with `pytest --noconftest tests/test_theta_process.py`.
+Run on the GPU machine with `python3 -m pytest --noconftest tests/test_theta_process.py`.
 """
 
 from __future__ import annotations
