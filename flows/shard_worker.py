@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.states import Cancelled, State
 
 from tasks.config import DatasetConfig
 from tasks.engines import ENGINES
@@ -46,10 +47,17 @@ def check_same_generation(config: DatasetConfig, expected: Generation) -> Genera
 
 
 @flow(name="generate-shards")
-def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int:
+def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int | State:
     """Generate the shards `shard_keys` of run `run_id` one after another; the engine pair is
-    built for the first and kept for the rest. Returns how many were generated or reused."""
+    built for the first and kept for the rest. Returns how many were generated or reused.
+
+    A share that starts after its run ended (the run removes its work order however it ends;
+    a run that died leaves its queued shares behind) has nothing to do: Cancelled, saying so.
+    """
     data = DataDir(Path(data_dir))
+    if not data.work_order(run_id).exists():
+        return Cancelled(message=f"run {run_id} has ended (its work order "
+                                 f"{data.work_order(run_id)} is gone): nothing to generate")
     order = read_work_order(data, run_id)
     generation = check_same_generation(order.config, order.generation)
     causes: dict[str, list[int]] = {}

@@ -51,7 +51,7 @@ def find_partitions(data: DataDir, dataset: str, run_dates: list[date] | None = 
                     generations: list[str] | None = None) -> list[Partition]:
     """The dataset's published partitions, oldest date first; a chosen date or generation
     that has none is an error naming it."""
-    folder = data.published / f"dataset={dataset}"
+    folder = data.dataset_folder(dataset)
     found = [Partition(path, generation, day)
              for generation, day, path in data.dataset_partitions(dataset)]
     for option, chosen, have in (("--run-date", run_dates, {p.run_date for p in found}),

@@ -64,13 +64,17 @@ class DataDir:
     def reports(self, run_id: str) -> Path:
         return self.root / "reports" / run_id
 
+    def dataset_folder(self, dataset: str) -> Path:
+        """Every published partition of one dataset lies below this folder."""
+        return self.published / f"dataset={dataset}"
+
     def partition(self, dataset: str, generation: str, run_date: date) -> Path:
-        return (self.published / f"dataset={dataset}" / f"generation={generation}"
+        return (self.dataset_folder(dataset) / f"generation={generation}"
                 / f"run_date={run_date.isoformat()}" / "data.parquet")
 
     def dataset_partitions(self, dataset: str) -> list[tuple[str, date, Path]]:
         """Every published partition file of one dataset: (generation, run date, path)."""
-        folder = self.published / f"dataset={dataset}"
+        folder = self.dataset_folder(dataset)
         return [(path.parent.parent.name.removeprefix("generation="),
                  date.fromisoformat(path.parent.name.removeprefix("run_date=")), path)
                 for path in folder.glob("generation=*/run_date=*/data.parquet")]

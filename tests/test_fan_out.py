@@ -30,6 +30,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import RunFailed, distill
+from flows.shard_worker import generate_shards
 from tasks.config import DATASETS_DIR, REPO_ROOT
 from tasks import fan_out
 from tasks.fan_out import online_workers
@@ -210,3 +211,11 @@ def test_a_gpu_machine_that_stops_answering_mid_shard_loses_nothing(
     second_round = [run for name, run in children.items() if name.startswith("r2-")]
     assert [run.state.name for run in second_round] == ["Completed", "Completed"]
     assert len(list((data_dir / "shards" / "demo").glob("*.parquet"))) == 6
+
+
+def test_a_share_that_starts_after_its_run_ended_is_cancelled_saying_so(api_url, tmp_path):
+    """Its run removed the work order (or died): no engine is built, nothing is written."""
+    state = generate_shards(str(tmp_path), "ended-run", ["a-shard"], return_state=True)
+    assert state.is_cancelled()
+    assert "run ended-run has ended" in state.message and "nothing to generate" in state.message
+    assert not (tmp_path / "shards").exists()

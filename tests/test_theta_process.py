@@ -34,7 +34,7 @@ def problems(count: int) -> list[str]:
         return [json.loads(next(handle))["question"] for _ in range(count)]
 
 
-def build(theta_process: bool) -> OptimalSamplingV1:
+def build(theta_process: bool | None) -> OptimalSamplingV1:
     return OptimalSamplingV1(*map(str, tiny_pair_paths()), theta_process=theta_process,
                              alpha_min=0.0, alpha_max=1.0, **ENGINE_ARGS)
 
@@ -64,8 +64,9 @@ def test_a_theta_process_that_dies_or_hangs_fails_the_call(monkeypatch, failure)
     import sampler.theta_process as theta_process
 
     monkeypatch.setattr(theta_process, "REPLY_TIMEOUT_S", 10)
-    sampler = build(True)
+    sampler = build(None)
     try:
+        assert sampler.pair.theta.remote, "on CUDA the default runs theta in its own process"
         assert sampler.generate(problems(2), max_tokens=8, seed=0).errors == [None, None]
         worker = sampler.pair.theta._process
         os.kill(worker.pid, signal.SIGKILL if failure == "dies" else signal.SIGSTOP)
