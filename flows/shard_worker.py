@@ -51,14 +51,17 @@ def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int | 
     """Generate the shards `shard_keys` of run `run_id` one after another; the engine pair is
     built for the first and kept for the rest. Returns how many were generated or reused.
 
-    A share that starts after its run ended (the run removes its work order however it ends;
-    a run that died leaves its queued shares behind) has nothing to do: Cancelled, saying so.
+    A share that starts after its run ended (the run removes its work order when it ends, and
+    may leave queued shares behind) has nothing to do: Cancelled, saying so. A run killed
+    outright keeps its work order, so its queued shares still generate: their shard files are
+    named by content, and the date's next run reuses them.
     """
     data = DataDir(Path(data_dir))
-    if not data.work_order(run_id).exists():
+    try:
+        order = read_work_order(data, run_id)
+    except FileNotFoundError:
         return Cancelled(message=f"run {run_id} has ended (its work order "
                                  f"{data.work_order(run_id)} is gone): nothing to generate")
-    order = read_work_order(data, run_id)
     generation = check_same_generation(order.config, order.generation)
     causes: dict[str, list[int]] = {}
     try:

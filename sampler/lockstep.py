@@ -39,6 +39,7 @@ import contextlib
 import itertools
 import logging
 import math
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -227,6 +228,13 @@ class LockstepPair:
         that both engines' host work runs at once (`sampler.theta_process`); None runs it
         there wherever the teacher's engine came up on CUDA with overlapped steps.
         """
+        # multiprocessing marks a spawned process (the theta engine's) while it re-imports the
+        # main script; a script that builds a pair at its top level would build a second one.
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            raise LockstepError(
+                "an engine pair built while a process started with spawn (the theta engine's) "
+                "re-imports the main script: build the sampler under "
+                "`if __name__ == \"__main__\":`")
         if theta_process and not (overlap_steps and torch.cuda.is_available()):
             raise LockstepError("a theta engine process needs CUDA and overlapped steps")
         logger.info("building teacher engine for %s", model_teacher)
@@ -245,14 +253,17 @@ class LockstepPair:
         except BaseException:
             teacher.shutdown()
             raise
-        shared = min(teacher.logits_width, theta.logits_width)
-        if vocab_size is not None and vocab_size > shared:
+        try:
+            shared = min(teacher.logits_width, theta.logits_width)
+            if vocab_size is not None and vocab_size > shared:
+                raise IncompatibleModelsError(
+                    f"the tokenizer has {vocab_size} tokens but the models give "
+                    f"{teacher.logits_width} (teacher) and {theta.logits_width} (theta) logits")
+            return cls(teacher, theta, vocab_size or shared, stop_token_ids)
+        except BaseException:
             teacher.shutdown()
             theta.shutdown()
-            raise IncompatibleModelsError(
-                f"the tokenizer has {vocab_size} tokens but the models give {teacher.logits_width}"
-                f" (teacher) and {theta.logits_width} (theta) logits")
-        return cls(teacher, theta, vocab_size or shared, stop_token_ids)
+            raise
 
     def enable_phase_timing(self) -> None:
         """Time each phase of every step (synchronising the device: for profiling only)."""

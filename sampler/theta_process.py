@@ -220,6 +220,7 @@ class RemoteEngine:
             logger.error("theta engine process did not exit; killing it")
             self._process.kill()
             self._process.join()
+        self._connection.close()
 
 
 def _check_step(expected: int, replied: int, what: str) -> None:

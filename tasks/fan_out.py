@@ -14,8 +14,9 @@ runs are queued. The parent:
 4. deals the shards of children that crashed (their process died: killed, out of memory, a
    lost machine once Prefect marks it crashed) over new children, up to `MAX_ROUNDS` rounds;
    a shard a child failed on keeps that child's error (a rerun of the date redoes it);
-5. removes the work order, however the rounds end; a share that starts later (left queued by
-   a parent that died) then finds none and ends Cancelled without building an engine.
+5. removes the work order, however the rounds end; a share still queued then finds none
+   and ends Cancelled without building an engine (a parent killed outright cannot remove it:
+   its shares still generate, and the date's next run reuses their content-named files).
 A run that finds no worker online fails at once, unless `workers` gives the number of shares
 (its shares then wait as below). A share waits in the pool while any worker is online
 (another run's share may hold the GPU), and is cancelled after `OFFLINE_GRACE_SECONDS`

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,6 +276,44 @@ def test_rows_in_different_orders_are_aligned_by_pair(sampler):
     assert same.theta_for_teacher is None and same.teacher_for_theta is None
     with pytest.raises(Exception, match="logit rows differ"):
         sampler.pair._alignment(("pair-1",), ("pair-3",), torch.device("cpu"))
+
+
+UNGUARDED_SCRIPT = """
+import multiprocessing
+from sampler.lockstep import LockstepPair
+
+try:  # at the top level, as in a script without the __main__ guard
+    LockstepPair.from_models("teacher", "theta", None, [], {}, {}, overlap_steps=False,
+                             theta_process=True)
+except Exception as error:
+    print(multiprocessing.current_process().name, "|", error, flush=True)
+
+
+def nothing():
+    pass
+
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=nothing, name="spawned")
+    child.start()
+    child.join()
+"""
+
+
+def test_a_pair_built_while_a_spawned_process_imports_the_script_is_refused(tmp_path):
+    """The theta engine's process starts with spawn, which imports the main script again: a
+    script building the pair at its top level is told to guard it, before any engine starts.
+    (Here the parent's call fails for its own reason, the CPU.)"""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(UNGUARDED_SCRIPT))
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if " | " in line]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert lines[0] == "MainProcess | a theta engine process needs CUDA and overlapped steps"
+    assert lines[1].startswith("spawned | an engine pair built while a process started with "
+                               "spawn") and 'if __name__ == "__main__":' in lines[1]
 
 
 def test_a_theta_process_needs_cuda_and_overlapped_steps():
