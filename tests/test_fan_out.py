@@ -214,7 +214,7 @@ def test_a_gpu_machine_that_stops_answering_mid_shard_loses_nothing(
 
 
 def test_a_share_that_starts_after_its_run_ended_is_cancelled_saying_so(api_url, tmp_path):
-    """Its run removed the work order (or died): no engine is built, nothing is written."""
+    """Its run ended and removed the work order: no engine is built, nothing is written."""
     state = generate_shards(str(tmp_path), "ended-run", ["a-shard"], return_state=True)
     assert state.is_cancelled()
     assert "run ended-run has ended" in state.message and "nothing to generate" in state.message
