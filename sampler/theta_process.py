@@ -107,18 +107,23 @@ class RemoteEngine:
         self._tokens_ready.record()  # an event is shared once it exists
         self._send(("buffers", self._tokens, self._tokens_ready))
 
-    def _stop_now(self) -> None:
-        """Kill the worker and reap it (a failed start leaves no engine to shut down)."""
+    def _reap(self, grace_s: float = 0.0) -> bool:
+        """Wait up to `grace_s` for the worker to exit, else kill it; True if it was killed."""
+        self._process.join(grace_s)
+        if not self._process.is_alive():
+            return False
         self._process.kill()
         self._process.join()
+        return True
+
+    def _stop_now(self) -> None:
+        """Kill the worker and reap it (a failed start leaves no engine to shut down)."""
+        self._reap()
         self._connection.close()
 
     def _exited(self) -> LockstepError:
         """The error for a closed pipe: the worker has exited (reaped here, killed if not)."""
-        self._process.join(STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        if self._reap(STOP_TIMEOUT_S):
             return LockstepError("the theta engine process closed its pipe without exiting; "
                                  "killed it")
         return LockstepError(f"the theta engine process exited (exit code "
@@ -133,8 +138,7 @@ class RemoteEngine:
     def _reply(self, expected: str) -> Any:
         start = time.perf_counter()
         if not self._connection.poll(REPLY_TIMEOUT_S):
-            self._process.kill()
-            self._process.join()
+            self._reap()
             raise LockstepError(f"the theta engine process did not answer for "
                                 f"{REPLY_TIMEOUT_S} s (waiting for {expected!r}); killed it")
         try:
@@ -215,11 +219,8 @@ class RemoteEngine:
             self._connection.send(("shutdown",))
         except (BrokenPipeError, OSError):
             pass
-        self._process.join(STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            logger.error("theta engine process did not exit; killing it")
-            self._process.kill()
-            self._process.join()
+        if self._reap(STOP_TIMEOUT_S):
+            logger.error("theta engine process did not exit in %d s; killed it", STOP_TIMEOUT_S)
         self._connection.close()
 
 
