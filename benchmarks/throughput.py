@@ -15,10 +15,12 @@ plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
   phases do not overlap there), a run with stop tokens (pairs stop one step before the
   scheduler learns of it), a record of a few sequences for the log-prob check, and a run
   under cProfile (the main process's busiest functions, ms a step);
-- mixed_process: as mixed, with the theta engine in its own process (`sampler.theta_process`),
-  so both engines' host work runs at once; its tokens are compared with the mixed arm's, and
-  for the recorded sequences, which engine's log-probs differ before the first differing
-  token;
+- mixed_process: as mixed, with the theta engine in its own process (`sampler.engine_process`),
+  so both engines' host work runs at once; mixed_processes: both engines in processes of
+  their own, this one only mixing and checking. Each is compared with the first mixed arm
+  run (tokens; for the recorded sequences, which engine's log-probs differ before the first
+  differing token), and profiled without synchronising the device: each phase's host time,
+  waits for the engine processes' replies included;
 - mixed_serial: the same pair with serial steps (no async scheduling), for comparison; its
   batch-64 tokens are compared with the overlapped arm's;
 - check: transformers recomputes log t(y) and log θ(y) of the recorded sequences.
@@ -47,7 +49,9 @@ logger = logging.getLogger("benchmark")
 
 PAIRS = {"7b_0.5b": ("qwen2.5-7b", "qwen2.5-0.5b"), "1.5b_0.5b": ("qwen2.5-1.5b", "qwen2.5-0.5b"),
          "smoke": ("qwen2.5-0.5b", "qwen2.5-0.5b")}
-ARMS = ("baseline", "mixed", "mixed_process", "mixed_serial", "check")
+ARMS = ("baseline", "mixed", "mixed_process", "mixed_processes", "mixed_serial", "check")
+#: The arms that run the engine pair with overlapped steps, each placed differently.
+OVERLAPPED_ARMS = ("mixed", "mixed_process", "mixed_processes")
 CHECKED_SEQUENCES = 3
 
 
@@ -215,12 +219,53 @@ def profile_host(pair, requests, config, top: int = 25) -> dict:
         for (file, line, name), (_, calls, own, cumulative, _) in busiest]}
 
 
+def engine_waits(pair) -> dict[str, float]:
+    """Seconds each engine has waited: an engine process for each kind of reply, an engine
+    in this process for its sampled tokens."""
+    waits = {}
+    for role, engine in (("teacher", pair.teacher), ("theta", pair.theta)):
+        by_reply = getattr(engine, "wait_seconds_by_reply", None) or {
+            "sampled_tokens": engine.wait_seconds}
+        waits.update({f"{role}_waits_for_{reply}": seconds for reply, seconds in by_reply.items()})
+    return waits
+
+
+def host_phases(pair, requests, config) -> dict:
+    """One run timing each phase's host time without synchronising the device (the steps
+    overlap as unprofiled), each engine's waits, and where each engine process's time
+    went, in ms a step."""
+    pair.enable_phase_timing(synchronise=False)
+    waits_before = engine_waits(pair)
+    workers_before = {role: engine.worker_seconds()
+                      for role, engine in (("teacher", pair.teacher), ("theta", pair.theta))
+                      if engine.remote}
+    steps_before = pair.steps_run
+    start = time.perf_counter()
+    pair.generate(requests, config, seed=2, show_progress=False)
+    wall = time.perf_counter() - start
+    steps = pair.steps_run - steps_before
+    phases = {name: 1e3 * value / steps for name, value in pair.phase_seconds.items()}
+    phases["wall_per_step"] = 1e3 * wall / steps
+    waits = {name: 1e3 * (seconds - waits_before.get(name, 0.0)) / steps
+             for name, seconds in engine_waits(pair).items()}
+    workers = {}
+    for role, engine in (("teacher", pair.teacher), ("theta", pair.theta)):
+        if engine.remote:
+            after = engine.worker_seconds()
+            workers[role] = {name: 1e3 * (seconds - workers_before[role].get(name, 0.0)) / steps
+                             for name, seconds in after.items()}
+    return {"steps": steps, "ms_per_step": {**phases, **waits},
+            "engine_process_ms_per_step": workers}
+
+
 def run_mixed(args: argparse.Namespace) -> dict:
     from sampler.lockstep import LockstepPair, PairRequest
     from sampler.mixing import MixingConfig
 
-    overlap = args.arm in ("mixed", "mixed_process")
-    in_process = args.arm != "mixed_process"
+    overlap = args.arm in OVERLAPPED_ARMS
+    theta_process = args.arm in ("mixed_process", "mixed_processes")
+    teacher_process = args.arm == "mixed_processes"
+    in_process = not (theta_process or teacher_process)
     kernels = check_kernels() if args.arm == "mixed" else None
     teacher_prompts, theta_prompts = make_prompts(max(args.batches))
     common = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 256,
@@ -228,7 +273,7 @@ def run_mixed(args: argparse.Namespace) -> dict:
     pair = LockstepPair.from_models(
         str(Path(args.models) / args.teacher), str(Path(args.models) / args.theta), None, [],
         {**common, "gpu_memory_utilization": 0.55}, {**common, "gpu_memory_utilization": 0.3},
-        overlap_steps=overlap, theta_process=not in_process)
+        overlap_steps=overlap, theta_process=theta_process, teacher_process=teacher_process)
     config = MixingConfig(alpha_method="kl_symmetry")
 
     def requests(batch: int, new_tokens: int) -> list[PairRequest]:
@@ -270,10 +315,11 @@ def run_mixed(args: argparse.Namespace) -> dict:
     host_profile = profile_host(pair, requests(max(args.batches), 128), config)
     if not in_process:
         # Synchronised phases and the profiler see this process's device work only.
+        phases = host_phases(pair, requests(max(args.batches), 256), config)
         pair.shutdown()
         return {"overlapped_steps": pair.overlapped, "throughput": results,
                 "tokens_checked_in_lockstep": pair.tokens_checked, "stop_tokens_run": stops,
-                "host_profile": host_profile, **gpu_facts()}
+                "host_profile": host_profile, "host_phases": phases, **gpu_facts()}
     device_busy = measure_device_busy(pair, requests, config, max(args.batches)) \
         if overlap else None
     profile_batch, profile_tokens = max(args.batches), 256
@@ -302,11 +348,11 @@ def first_difference(tokens: list[int], theirs: list[int]) -> int:
     return differing[0] if differing else min(len(tokens), len(theirs))
 
 
-def compare_modes(work: Path, pair_name: str, other: str) -> dict:
-    """The smallest batch's token sequences of the mixed arm and another, one by one; for the
-    recorded sequences, the largest difference of each recorded value while the tokens agree
-    (which engine's forward pass, or the mixing, differs between the arms)."""
-    paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in ("mixed", other)]
+def compare_modes(work: Path, pair_name: str, reference: str, other: str) -> dict:
+    """The smallest batch's token sequences of two arms, one by one; for the recorded
+    sequences, the largest difference of each recorded value while the tokens agree (which
+    engine's forward pass, or the mixing, differs between the arms)."""
+    paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in (reference, other)]
     if not all(path.exists() for path in paths):
         return {"error": "an arm did not record its tokens"}
     mixed, others = (json.loads(path.read_text()) for path in paths)
@@ -314,7 +360,7 @@ def compare_modes(work: Path, pair_name: str, other: str) -> dict:
     comparison = {"sequences": len(mixed),
                   "identical": sum(a == b for a, b in ((mixed[k], others.get(k)) for k in mixed)),
                   "mean_tokens_before_first_difference": float(np.mean(agreeing))}
-    records = [work / f"{pair_name}-{arm}-record.json" for arm in ("mixed", other)]
+    records = [work / f"{pair_name}-{arm}-record.json" for arm in (reference, other)]
     if all(path.exists() for path in records):
         from sampler.lockstep import TRACE_COLUMNS
 
@@ -365,10 +411,10 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
     teacher, theta = PAIRS[pair_name]
     out = Path(args.work)
     result_path = out / f"{pair_name}-{arm}.json"
-    # The check recomputes the in-process arm's record, else the theta-process arm's.
+    # The check recomputes the record of the first overlapped arm that ran.
     record_arm = arm if arm != "check" else next(
-        (a for a in ("mixed", "mixed_process")
-         if (out / f"{pair_name}-{a}-record.json").exists()), "mixed")
+        (a for a in OVERLAPPED_ARMS if (out / f"{pair_name}-{a}-record.json").exists()),
+        "mixed")
     command = [sys.executable, __file__, "--arm", arm, "--teacher", teacher, "--theta", theta,
                "--models", args.models, "--out", args.out, "--work", args.work,
                "--result", str(result_path),
@@ -393,13 +439,14 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
 
 def summarise(results: dict, args: argparse.Namespace) -> str:
     lines = ["| pair | batch | baseline tok/s | mixed tok/s | ratio | theta process tok/s | ratio "
-             "| serial steps tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "| engine processes tok/s | ratio | serial steps tok/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for pair_name, arms in results["pairs"].items():
         for batch in map(str, args.batches):
             cells = [pair_name, batch]
             base = arms.get("baseline", {}).get("throughput", {}).get(batch, {}).get("tok_per_s")
             cells.append(f"{base:,.0f}" if base else "-")
-            for arm in ("mixed", "mixed_process", "mixed_serial"):
+            for arm in (*OVERLAPPED_ARMS, "mixed_serial"):
                 rate = arms.get(arm, {}).get("throughput", {}).get(batch, {}).get("tok_per_s")
                 cells.append(f"{rate:,.0f}" if rate else "-")
                 cells.append(f"{rate / base:.2f}" if rate and base else "-")
@@ -426,8 +473,8 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.arm:
-        arm = {"baseline": run_baseline, "mixed": run_mixed, "mixed_process": run_mixed,
-               "mixed_serial": run_mixed, "check": run_check}[args.arm]
+        arm = run_baseline if args.arm == "baseline" else \
+            run_check if args.arm == "check" else run_mixed
         Path(args.result).write_text(json.dumps(arm(args), indent=1))
         return
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -441,8 +488,12 @@ def main() -> None:
         for arm in args.arms.split(","):
             arms[arm] = run_arm_in_subprocess(arm, pair_name, args)
             Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
-        arms["modes_compared"] = {other: compare_modes(Path(args.work), pair_name, other)
-                                  for other in ("mixed_serial", "mixed_process")}
+        mixed_arms = [arm for arm in (*OVERLAPPED_ARMS, "mixed_serial") if arm in arms]
+        if len(mixed_arms) > 1:
+            arms["modes_compared"] = {
+                f"{mixed_arms[0]} and {other}": compare_modes(Path(args.work), pair_name,
+                                                             mixed_arms[0], other)
+                for other in mixed_arms[1:]}
         Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
     table = summarise(results, args)
     Path(args.out, "results.md").write_text(table + "\n")

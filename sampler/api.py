@@ -214,10 +214,12 @@ class OptimalSamplingV1:
     so those two are overridden (with a warning).
 
     `theta_process` runs the student's engine in its own process, so that the two engines'
-    host work runs at once (`sampler.theta_process`): 0.75–0.77× plain vLLM for a 7B + 0.5B
-    pair on three H100 machines against 0.55–0.66× in one process (benchmarks/RESULTS.md,
-    runs 8–10). It needs CUDA with overlapped steps; None (the default) turns it on wherever
-    the teacher's engine runs that way, off elsewhere (the CPU build).
+    host work runs at once (`sampler.engine_process`): 0.75–0.77× plain vLLM for a 7B + 0.5B
+    pair on four H100 machines against 0.55–0.66× in one process (benchmarks/RESULTS.md,
+    runs 8–11). It needs CUDA with overlapped steps; None (the default) turns it on wherever
+    the teacher's engine runs that way, off elsewhere (the CPU build). `teacher_process`
+    moves the teacher's engine to a process of its own as well (off by default: no H100
+    measured ran faster for it, run 11).
     """
 
     def __init__(self, model_teacher: str, model_theta: str,
@@ -229,7 +231,8 @@ class OptimalSamplingV1:
                  theta_system_prompt: str | None = None,
                  enable_chat_template: bool = True, track_alpha_stats: bool = True,
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-                 theta_process: bool | None = None, **kwargs: Any):
+                 theta_process: bool | None = None, teacher_process: bool = False,
+                 **kwargs: Any):
         from transformers import AutoConfig
 
         self.mixing_defaults = MixingConfig(alpha_method=alpha_method, fixed_alpha=fixed_alpha,
@@ -268,7 +271,7 @@ class OptimalSamplingV1:
                     gpu_memory_utilization, *self.memory_split)
         self.pair: LockstepPair | None = LockstepPair.from_models(
             self.model_teacher, self.model_theta, self.vocab_size, self.stop_token_ids,
-            *engine_args, theta_process=theta_process)
+            *engine_args, theta_process=theta_process, teacher_process=teacher_process)
 
     @property
     def healthy(self) -> bool:

@@ -21,9 +21,11 @@ The halves are ordered to keep the device busy:
   then retire theta's half of step n−1 while the teacher's forward pass runs, and launch the
   rest of step n.
 
-With `theta_process` (CUDA, overlapped), theta runs in a worker process
-(`sampler.theta_process`): the same calls in the same order, but theta's scheduling, input
-preparation and output bookkeeping run beside the teacher's instead of after them.
+With `theta_process` and `teacher_process` (CUDA, overlapped), an engine runs in a worker
+process (`sampler.engine_process`): the same calls, but its scheduling, input preparation
+and output bookkeeping run beside this process's work instead of after it. Such an engine is
+sent step n and then step n−1's update at the start of the launch half, so its bookkeeping
+runs while this process mixes; its update's reply is read in the retire half as before.
 
 Each engine keeps its own KV cache and is never re-run over a prefix. Any disagreement raises
 `LockstepError` with the details; there is no fallback. A row the mixing cannot serve (its
@@ -204,12 +206,13 @@ class LockstepPair:
                 f"one engine schedules asynchronously and the other does not (teacher "
                 f"{teacher.overlaps_steps}, theta {theta.overlaps_steps})")
         self.overlapped = teacher.overlaps_steps
-        if theta.remote and not self.overlapped:
-            raise LockstepError("a theta engine process needs overlapped steps, and vLLM turned "
+        if (teacher.remote or theta.remote) and not self.overlapped:
+            raise LockstepError("an engine process needs overlapped steps, and vLLM turned "
                                 "async scheduling off for these engines")
         self.tokens_checked = 0
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
+        self._synchronise_phases = True
         self._cached_alignment: tuple[tuple, Alignment] | None = None
         #: CUDA graphs for the fused mixing (None on the CPU; set to None to launch eagerly).
         self.graphed_mixing = (GraphedMixing(vocab_size, self.max_active)
@@ -219,35 +222,46 @@ class LockstepPair:
     @classmethod
     def from_models(cls, model_teacher: str, model_theta: str, vocab_size: int | None,
                     stop_token_ids: list[int], teacher_args: dict, theta_args: dict,
-                    overlap_steps: bool = True, theta_process: bool | None = None
-                    ) -> LockstepPair:
+                    overlap_steps: bool = True, theta_process: bool | None = None,
+                    teacher_process: bool = False) -> LockstepPair:
         """Build both engines (teacher first); mix over `vocab_size` or both logit widths.
 
         `overlap_steps` uses async scheduling where vLLM supports it (CUDA), else serial steps.
-        `theta_process` runs theta in a worker process (CUDA with overlapped steps only), so
-        that both engines' host work runs at once (`sampler.theta_process`); None runs it
-        there wherever the teacher's engine came up on CUDA with overlapped steps.
+        `theta_process` and `teacher_process` run that engine in a worker process (CUDA with
+        overlapped steps only), so that the engines' host work and this process's run at
+        once (`sampler.engine_process`). None runs theta there wherever the teacher's engine
+        came up on CUDA with overlapped steps. The teacher stays here unless asked: with
+        both engines in workers, three processes share the device, and no H100 measured
+        ran faster for it (benchmarks/RESULTS.md, run 11).
         """
-        # multiprocessing marks a spawned process (the theta engine's) while it re-imports the
+        # multiprocessing marks a spawned process (an engine's) while it re-imports the
         # main script; a script that builds a pair at its top level would build a second one.
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             raise LockstepError(
-                "an engine pair built while a process started with spawn (the theta engine's) "
-                "re-imports the main script: build the sampler under "
+                "an engine pair built while a process started with spawn (an engine's) re-imports "
+                "the main script: build the sampler under "
                 "`if __name__ == \"__main__\":`")
-        if theta_process and not (overlap_steps and torch.cuda.is_available()):
-            raise LockstepError("a theta engine process needs CUDA and overlapped steps")
-        logger.info("building teacher engine for %s", model_teacher)
-        teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
+        processes_possible = overlap_steps and torch.cuda.is_available()
+        for role, wanted in (("teacher", teacher_process), ("theta", theta_process)):
+            if wanted and not processes_possible:
+                raise LockstepError(f"a {role} engine process needs CUDA and overlapped steps")
+        logger.info("building teacher engine for %s%s", model_teacher,
+                    " in its own process" if teacher_process else "")
+        if teacher_process:
+            from sampler.engine_process import RemoteEngine
+
+            teacher = RemoteEngine("teacher", model_teacher, teacher_args, overlap_steps)
+        else:
+            teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
         if theta_process is None:
             theta_process = teacher.overlaps_steps and teacher.device.type == "cuda"
         logger.info("building theta engine for %s%s", model_theta,
                     " in its own process" if theta_process else "")
         try:
             if theta_process:
-                from sampler.theta_process import RemoteEngine
+                from sampler.engine_process import RemoteEngine
 
-                theta = RemoteEngine(model_theta, theta_args, overlap_steps)
+                theta = RemoteEngine("theta", model_theta, theta_args, overlap_steps)
             else:
                 theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
         except BaseException:
@@ -265,20 +279,24 @@ class LockstepPair:
             theta.shutdown()
             raise
 
-    def enable_phase_timing(self) -> None:
-        """Time each phase of every step (synchronising the device: for profiling only)."""
+    def enable_phase_timing(self, synchronise: bool = True) -> None:
+        """Time each phase of every step. `synchronise` waits for the device around device
+        phases, so that they do not overlap (for profiling only); without it each phase's
+        host time is measured, waits included, and the steps overlap as they do unprofiled."""
         self.phase_seconds = {}
+        self._synchronise_phases = synchronise
 
     @contextlib.contextmanager
     def _phase(self, name: str, device: torch.device | None = None) -> Iterator[None]:
         if self.phase_seconds is None:
             yield
             return
-        if device is not None and device.type == "cuda":
+        synchronise = self._synchronise_phases and device is not None and device.type == "cuda"
+        if synchronise:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         yield
-        if device is not None and device.type == "cuda":
+        if synchronise:
             torch.cuda.synchronize(device)
         self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
@@ -319,9 +337,11 @@ class LockstepPair:
         try:
             while True:
                 if self.overlapped:
-                    step = self._launch(run, config, seed) if run.queue or run.active else None
+                    step = self._launch(run, config, seed, in_flight) \
+                        if run.queue or run.active else None
                     if in_flight is not None:
-                        self.theta.begin_update(in_flight.theta_plan, in_flight.theta_output)
+                        if step is None:
+                            self._begin_updates(in_flight)
                         self._retire_theta(in_flight, self._retire_teacher(in_flight, run), run)
                 else:
                     teacher_result = (self._retire_teacher(in_flight, run)
@@ -342,20 +362,34 @@ class LockstepPair:
             run.progress.close()
         return run.log.traces(run.finish_reasons)
 
-    def _launch(self, run: _Run, config: MixingConfig, seed: int) -> _Step:
-        """The whole launch half of a step (overlapped order)."""
-        step = self._launch_teacher(run)
+    def _launch(self, run: _Run, config: MixingConfig, seed: int,
+                retiring: _Step | None) -> _Step:
+        """The whole launch half of a step (overlapped order); `retiring` is the step before,
+        whose update an engine process is sent straight after this step's schedule."""
+        step = self._launch_teacher(run, retiring)
         self._launch_theta(step, config, seed)
         return step
 
-    def _launch_teacher(self, run: _Run) -> _Step:
-        """Admit what fits, schedule the teacher and launch its forward pass."""
+    def _begin_updates(self, step: _Step) -> None:
+        """Send an engine process the step's update (the engine in this process does it when
+        it is retired)."""
+        self.teacher.begin_update(step.teacher_plan, step.teacher_output)
+        self.theta.begin_update(step.theta_plan, step.theta_output)
+
+    def _launch_teacher(self, run: _Run, retiring: _Step | None = None) -> _Step:
+        """Admit what fits, start the engine processes' step (and update of `retiring`),
+        schedule the teacher and launch its forward pass."""
         device = self.teacher.device
         with self._phase("teacher_host"):
             admitted = self._admit(run)
             theta_plan = self.theta.schedule() if self.theta.remote else None
-            step = _Step(number=run.steps, teacher_plan=self.teacher.schedule(),
-                         admitted=admitted, theta_plan=theta_plan)
+            teacher_plan = self.teacher.schedule() if self.teacher.remote else None
+            if retiring is not None:
+                self._begin_updates(retiring)
+            if teacher_plan is None:
+                teacher_plan = self.teacher.schedule()
+            step = _Step(number=run.steps, teacher_plan=teacher_plan, admitted=admitted,
+                         theta_plan=theta_plan)
         with self._phase("teacher_forward", device):
             step.teacher_output = self.teacher.execute(step.teacher_plan)
             step.has_logits = step.teacher_output is None
@@ -569,3 +603,4 @@ class LockstepPair:
                 engine.abort(request_ids)
             except Exception:  # noqa: BLE001 - best effort after the real error
                 logger.exception("could not abort requests after a failed step")
+

@@ -301,7 +301,7 @@ if __name__ == "__main__":
 
 
 def test_a_pair_built_while_a_spawned_process_imports_the_script_is_refused(tmp_path):
-    """The theta engine's process starts with spawn, which imports the main script again: a
+    """An engine's process starts with spawn, which imports the main script again: a
     script building the pair at its top level is told to guard it, before any engine starts.
     (Here the parent's call fails for its own reason, the CPU.)"""
     script = tmp_path / "unguarded.py"
@@ -316,11 +316,13 @@ def test_a_pair_built_while_a_spawned_process_imports_the_script_is_refused(tmp_
                                "spawn") and 'if __name__ == "__main__":' in lines[1]
 
 
-def test_a_theta_process_needs_cuda_and_overlapped_steps():
-    """The theta engine process shares logits by CUDA IPC: refused before any engine starts."""
+@pytest.mark.parametrize("role", ["teacher", "theta"])
+def test_an_engine_process_needs_cuda_and_overlapped_steps(role):
+    """An engine process shares logits by CUDA IPC: refused before any engine starts."""
     from sampler.errors import LockstepError
     from sampler.lockstep import LockstepPair
 
-    with pytest.raises(LockstepError, match="needs CUDA and overlapped steps"):
-        LockstepPair.from_models("teacher", "theta", None, [], {}, {}, overlap_steps=False,
-                                 theta_process=True)
+    with pytest.raises(LockstepError, match=f"a {role} engine process needs CUDA and "
+                                            "overlapped steps"):
+        LockstepPair.from_models("teacher", "theta", None, [], {}, {}, overlap_steps=True,
+                                 **{f"{role}_process": True})

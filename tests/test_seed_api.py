@@ -294,9 +294,10 @@ def test_cleanup_frees_both_engines_and_a_second_sampler_builds(sampler, tiny_pa
     assert sampler.healthy and still.num_tokens[0] > 0
 
 
-def test_a_theta_engine_process_is_refused_on_the_cpu_before_any_engine_starts(tiny_pair):
-    """The option reaches the pair, which shares logits with that process by CUDA IPC."""
+@pytest.mark.parametrize("role", ["teacher", "theta"])
+def test_an_engine_process_is_refused_on_the_cpu_before_any_engine_starts(tiny_pair, role):
+    """The options reach the pair, which shares logits with that process by CUDA IPC."""
     from sampler.errors import LockstepError
 
-    with pytest.raises(LockstepError, match="needs CUDA"):
-        OptimalSamplingV1(*map(str, tiny_pair), theta_process=True, **ENGINE_ARGS)
+    with pytest.raises(LockstepError, match=f"a {role} engine process needs CUDA"):
+        OptimalSamplingV1(*map(str, tiny_pair), **{f"{role}_process": True}, **ENGINE_ARGS)

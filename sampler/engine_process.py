@@ -1,23 +1,28 @@
-"""The theta engine in its own process, so that the two engines' host work runs at once.
+"""An engine in its own process, so that its host work runs beside the main process's.
 
 Measured on one H100 (benchmarks/RESULTS.md, run 7): with both engines in one process the
 host is busy for the whole step (21.6 ms of a 21.8 ms step for the 7B + 0.5B pair) while the
 device is busy for 12.7 ms of it. vLLM's scheduling, input preparation and output bookkeeping
-are Python: a thread cannot run them beside the teacher's, a process can.
+are Python: a thread cannot run them beside the other engine's, a process can. With theta
+alone in a worker (runs 8–10) the main process still did the teacher's host work and the
+lockstep's, one after the other; with both engines in workers it only mixes and checks.
 
 `RemoteEngine` stands in for `SteppedEngine` in the lockstep (CUDA, overlapped steps only).
 Each call sends a message and returns at once where it can; replies are read when the
-lockstep needs them, so theta's host work of a step runs while the main process schedules
-and launches the teacher. Logits and drawn tokens never leave the device: the worker copies
-theta's logits into a buffer shared by CUDA IPC and records an inter-process event; the main
-process's stream waits for that event before mixing, writes the drawn tokens into a second
-shared buffer and records its own event, which the worker's stream waits for before forcing
-them. Stream order alone then keeps each buffer from being overwritten before it is read:
-the worker copies step n+1's logits only after it waited for step n's tokens, and the main
-process writes step n+1's tokens only after it waited for step n+1's logits.
+lockstep needs them, so an engine's host work of a step runs while the main process works
+on the other engine or the mixing. Logits and drawn tokens never leave the device: the
+worker copies its logits into a buffer shared by CUDA IPC and records an inter-process
+event; the main process's stream waits for that event before mixing, writes the drawn
+tokens into a second shared buffer and records its own event, which the worker's stream
+waits for before forcing them. Stream order alone then keeps each buffer from being
+overwritten before it is read: the worker copies step n+1's logits only after it waited
+for step n's tokens, and the main process writes step n+1's tokens only after it waited
+for step n+1's logits.
 
 Messages (main → worker): `schedule` (new requests; the worker adds them, schedules,
-executes and shares its logits), `force`, `update`, `abort`, `shutdown`. Replies come in
+executes and shares its logits), `update` (of the step before: the lockstep sends it
+straight after `schedule`, so the worker's bookkeeping runs while the main process mixes),
+`force`, `abort`, `stats` (where the worker's time went), `shutdown`. Replies come in
 request order and name their step, which the main process checks; a failure in the worker
 comes back as `error` with its traceback, and a worker that exits or stops answering is
 seen by the main process: each is raised there as `LockstepError`.
@@ -66,21 +71,25 @@ class _RemoteOutput:
 
 
 class RemoteEngine:
-    """The theta engine, driven in a worker process through the `SteppedEngine` calls the
-    lockstep makes."""
+    """One engine (the teacher's or theta's: `role`), driven in a worker process through the
+    `SteppedEngine` calls the lockstep makes."""
 
     remote = True
 
-    def __init__(self, model: str, engine_args: dict[str, Any], overlap_steps: bool):
+    def __init__(self, role: str, model: str, engine_args: dict[str, Any],
+                 overlap_steps: bool):
         torch.cuda.init()
+        self.role = role
         context = multiprocessing.get_context("spawn")
         self._connection, worker_end = context.Pipe()
-        self._process = context.Process(target=_worker_main, name="theta-engine",
+        self._process = context.Process(target=_worker_main, name=f"{role}-engine",
                                         args=(worker_end, model, engine_args, overlap_steps),
                                         daemon=True)
         self._process.start()
         worker_end.close()
         self.wait_seconds = 0.0
+        #: The part of `wait_seconds` spent on each kind of reply ("scheduled", "updated").
+        self.wait_seconds_by_reply: dict[str, float] = {}
         self._pending_requests: list[tuple] = []
         self._steps = 0
         self._unread: list[_RemotePlan] = []
@@ -96,12 +105,12 @@ class RemoteEngine:
     def _start(self) -> None:
         """Wait for the worker's engine; share the drawn-token buffer and its event."""
         if not self._connection.poll(START_TIMEOUT_S):
-            raise LockstepError("the theta engine process did not start in time")
+            raise LockstepError(f"the {self.role} engine process did not start in time")
         facts = self._reply("ready")
         for name, value in facts.items():
             setattr(self, name, value)
         self.device = torch.device(facts["device"])
-        # [max_num_seqs] int64: the drawn token of each of theta's rows, in theta's order
+        # [max_num_seqs] int64: the drawn token of each of the engine's rows, in its order
         self._tokens = torch.zeros(self.max_num_seqs, dtype=torch.long, device=self.device)
         self._tokens_ready = torch.cuda.Event(interprocess=True)
         self._tokens_ready.record()  # an event is shared once it exists
@@ -124,9 +133,9 @@ class RemoteEngine:
     def _exited(self) -> LockstepError:
         """The error for a closed pipe: the worker has exited (reaped here, killed if not)."""
         if self._reap(STOP_TIMEOUT_S):
-            return LockstepError("the theta engine process closed its pipe without exiting; "
-                                 "killed it")
-        return LockstepError(f"the theta engine process exited (exit code "
+            return LockstepError(f"the {self.role} engine process closed its pipe without "
+                                 "exiting; killed it")
+        return LockstepError(f"the {self.role} engine process exited (exit code "
                              f"{self._process.exitcode})")
 
     def _send(self, message: tuple) -> None:
@@ -139,17 +148,21 @@ class RemoteEngine:
         start = time.perf_counter()
         if not self._connection.poll(REPLY_TIMEOUT_S):
             self._reap()
-            raise LockstepError(f"the theta engine process did not answer for "
+            raise LockstepError(f"the {self.role} engine process did not answer for "
                                 f"{REPLY_TIMEOUT_S} s (waiting for {expected!r}); killed it")
         try:
             kind, payload = self._connection.recv()
         except (EOFError, OSError) as error:
             raise self._exited() from error
-        self.wait_seconds += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.wait_seconds += waited
+        by_reply = self.wait_seconds_by_reply
+        by_reply[expected] = by_reply.get(expected, 0.0) + waited
         if kind == "error":
-            raise LockstepError(f"theta engine process failed:\n{payload}")
+            raise LockstepError(f"{self.role} engine process failed:\n{payload}")
         if kind != expected:
-            raise LockstepError(f"theta engine process replied {kind!r}, expected {expected!r}")
+            raise LockstepError(f"{self.role} engine process replied {kind!r}, expected "
+                                f"{expected!r}")
         return payload
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
@@ -169,12 +182,12 @@ class RemoteEngine:
     def _read_schedule(self, plan: _RemotePlan) -> None:
         while plan.rows is None:
             if not self._unread:
-                raise LockstepError(f"the theta engine process's schedule of step {plan.step} "
-                                    f"is lost (an earlier reply failed)")
+                raise LockstepError(f"the {self.role} engine process's schedule of step "
+                                    f"{plan.step} is lost (an earlier reply failed)")
             pending = self._unread.pop(0)
             step, pending.new, pending.cached, pending.preempted, pending.rows, \
                 pending.has_logits, shared = self._reply("scheduled")
-            _check_step(pending.step, step, "schedule")
+            self._check_step(pending.step, step, "schedule")
             if shared is not None:
                 self._logits, self._logits_ready = shared
 
@@ -189,7 +202,7 @@ class RemoteEngine:
         return None if plan.has_logits else _RemoteOutput()
 
     def pending_logits(self) -> tuple[torch.Tensor, list[str]]:
-        """Theta's logits in the shared buffer, ordered after the worker's copy."""
+        """The engine's logits in the shared buffer, ordered after the worker's copy."""
         plan = self._current
         torch.cuda.current_stream().wait_event(self._logits_ready)
         return self._logits[:len(plan.rows)], plan.rows
@@ -202,33 +215,42 @@ class RemoteEngine:
         return _RemoteOutput()
 
     def begin_update(self, plan: _RemotePlan, output: Any) -> None:
-        """Ask for the step's update now, so the worker runs it beside the teacher's."""
+        """Ask for the step's update now, so the worker runs it while this process works."""
         self._send(("update", plan.step))
 
     def update(self, plan: _RemotePlan, output: Any) -> StepResult:
         step, request_ids, new_token_ids, finish_reasons = self._reply("updated")
-        _check_step(plan.step, step, "update")
+        self._check_step(plan.step, step, "update")
         return StepResult(request_ids, new_token_ids, finish_reasons)
 
     def abort(self, request_ids: list[str]) -> None:
         self._send(("abort", request_ids))
 
+    def worker_seconds(self) -> dict[str, float]:
+        """Host seconds the worker has spent on each kind of message, waiting for messages
+        ("receiving") and, within its updates, for the sampled tokens (for profiling, between
+        calls)."""
+        self._send(("stats",))
+        return self._reply("stats")
+
     def shutdown(self) -> None:
-        """Stop the worker (it frees its engine); kill it if it does not exit."""
+        """Stop the worker (it frees its engine); kill it if it does not exit. The worker's
+        logits buffer is let go of first, so the worker does not exit while it is shared."""
+        self._logits = self._logits_ready = None
         try:
             self._connection.send(("shutdown",))
         except (BrokenPipeError, OSError):
             pass
         if self._reap(STOP_TIMEOUT_S):
-            logger.error("theta engine process did not exit in %d s; killed it", STOP_TIMEOUT_S)
+            logger.error("%s engine process did not exit in %d s; killed it", self.role,
+                         STOP_TIMEOUT_S)
         self._connection.close()
 
-
-def _check_step(expected: int, replied: int, what: str) -> None:
-    """Replies come in request order; a reply for another step means the two sides parted."""
-    if replied != expected:
-        raise LockstepError(f"the theta engine process answered step {replied}'s {what} "
-                            f"where step {expected}'s was due")
+    def _check_step(self, expected: int, replied: int, what: str) -> None:
+        """Replies come in request order; a reply for another step means the sides parted."""
+        if replied != expected:
+            raise LockstepError(f"the {self.role} engine process answered step {replied}'s "
+                                f"{what} where step {expected}'s was due")
 
 
 def _worker_main(connection: Any, model: str, engine_args: dict[str, Any],
@@ -255,8 +277,13 @@ def _serve(connection: Any, model: str, engine_args: dict[str, Any],
     logits_ready = torch.cuda.Event(interprocess=True)
     logits_ready.record()  # an event is shared once it exists
     steps: dict[int, list] = {}
+    # Host seconds the worker spent on each kind of message, and waiting for the next one.
+    seconds = {"receiving": 0.0}
     while True:
+        start = time.perf_counter()
         message = connection.recv()
+        handling = time.perf_counter()
+        seconds["receiving"] += handling - start
         kind = message[0]
         if kind == "schedule":
             _, step, requests = message
@@ -289,6 +316,10 @@ def _serve(connection: Any, model: str, engine_args: dict[str, Any],
                                          result.finish_reasons)))
         elif kind == "abort":
             engine.abort(message[1])
+        elif kind == "stats":
+            connection.send(("stats", {**seconds, "waiting_for_sampled_tokens":
+                                       engine.wait_seconds}))
         elif kind == "shutdown":
             engine.shutdown()
             return
+        seconds[kind] = seconds.get(kind, 0.0) + time.perf_counter() - handling
