@@ -11,18 +11,19 @@ plus 50–100 more), 512 new tokens ignoring EOS, batch 64 and 256:
 - mixed: the lockstep pair with kl_symmetry, steps overlapped (async scheduling); first the
   fused mixing kernels against the torch path on random logits of the real size; after the
   timed runs, the smallest batch again with the same seed (the sequences that repeat
-  token for token are counted), one profiled run splitting step time into phases (device synchronised, so
-  phases do not overlap there), a run with stop tokens (pairs stop one step before the
-  scheduler learns of it), a record of a few sequences for the log-prob check, and a run
-  under cProfile (the main process's busiest functions, ms a step);
+  token for token are counted), one profiled run splitting step time into phases (device
+  synchronised, so phases do not overlap there), a run with stop tokens (pairs stop one step
+  before the scheduler learns of it), a record of a few sequences for the log-prob check,
+  and a run under cProfile (the main process's busiest functions, ms a step);
 - mixed_process: as mixed, with the theta engine in its own process (`sampler.engine_process`),
   so both engines' host work runs at once; mixed_processes: both engines in processes of
-  their own, this one only mixing and checking. Each is compared with the first mixed arm
-  run (tokens; for the recorded sequences, which engine's log-probs differ before the first
-  differing token), and profiled without synchronising the device: each phase's host time,
-  waits for the engine processes' replies included;
-- mixed_serial: the same pair with serial steps (no async scheduling), for comparison; its
-  batch-64 tokens are compared with the overlapped arm's;
+  their own, this one only mixing and checking. Each is profiled without synchronising the
+  device: each phase's host time, waits for the engine processes' replies included, and
+  where each worker's time goes;
+- mixed_serial: the same pair with serial steps (no async scheduling), for comparison;
+- every mixed arm's smallest-batch tokens are compared with those of the first of the
+  mixed arms run, in the order above (for the recorded sequences also which engine's
+  log-probs differ before the first differing token);
 - check: transformers recomputes log t(y) and log θ(y) of the recorded sequences.
 Results: results.json (every arm's figures, and a failed arm's log tail) and results.md under
 --out; per-arm files and logs under --work.
@@ -355,10 +356,10 @@ def compare_modes(work: Path, pair_name: str, reference: str, other: str) -> dic
     paths = [work / f"{pair_name}-{arm}-tokens.json" for arm in (reference, other)]
     if not all(path.exists() for path in paths):
         return {"error": "an arm did not record its tokens"}
-    mixed, others = (json.loads(path.read_text()) for path in paths)
-    agreeing = [first_difference(tokens, others.get(key, [])) for key, tokens in mixed.items()]
-    comparison = {"sequences": len(mixed),
-                  "identical": sum(a == b for a, b in ((mixed[k], others.get(k)) for k in mixed)),
+    ours, others = (json.loads(path.read_text()) for path in paths)
+    agreeing = [first_difference(tokens, others.get(key, [])) for key, tokens in ours.items()]
+    comparison = {"sequences": len(ours),
+                  "identical": sum(a == b for a, b in ((ours[k], others.get(k)) for k in ours)),
                   "mean_tokens_before_first_difference": float(np.mean(agreeing))}
     records = [work / f"{pair_name}-{arm}-record.json" for arm in (reference, other)]
     if all(path.exists() for path in records):
@@ -411,7 +412,8 @@ def run_arm_in_subprocess(arm: str, pair_name: str, args: argparse.Namespace) ->
     teacher, theta = PAIRS[pair_name]
     out = Path(args.work)
     result_path = out / f"{pair_name}-{arm}.json"
-    # The check recomputes the record of the first overlapped arm that ran.
+    # The check recomputes the record of the first overlapped arm (in OVERLAPPED_ARMS order)
+    # this invocation ran.
     record_arm = arm if arm != "check" else next(
         (a for a in OVERLAPPED_ARMS if (out / f"{pair_name}-{a}-record.json").exists()),
         "mixed")

@@ -215,7 +215,7 @@ class OptimalSamplingV1:
 
     `theta_process` runs the student's engine in its own process, so that the two engines'
     host work runs at once (`sampler.engine_process`): 0.75–0.77× plain vLLM for a 7B + 0.5B
-    pair on four H100 machines against 0.55–0.66× in one process (benchmarks/RESULTS.md,
+    pair on five H100 machines against 0.55–0.66× in one process (benchmarks/RESULTS.md,
     runs 8–11). It needs CUDA with overlapped steps; None (the default) turns it on wherever
     the teacher's engine runs that way, off elsewhere (the CPU build). `teacher_process`
     moves the teacher's engine to a process of its own as well (off by default: no H100

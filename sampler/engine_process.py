@@ -35,7 +35,7 @@ import multiprocessing
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.multiprocessing  # noqa: F401 - lets pipes carry CUDA tensors and events by IPC
@@ -76,8 +76,8 @@ class RemoteEngine:
 
     remote = True
 
-    def __init__(self, role: str, model: str, engine_args: dict[str, Any],
-                 overlap_steps: bool):
+    def __init__(self, role: Literal["teacher", "theta"], model: str,
+                 engine_args: dict[str, Any], overlap_steps: bool):
         torch.cuda.init()
         self.role = role
         context = multiprocessing.get_context("spawn")
@@ -88,7 +88,7 @@ class RemoteEngine:
         self._process.start()
         worker_end.close()
         self.wait_seconds = 0.0
-        #: The part of `wait_seconds` spent on each kind of reply ("scheduled", "updated").
+        #: The part of `wait_seconds` spent on each kind of step reply ("scheduled", "updated").
         self.wait_seconds_by_reply: dict[str, float] = {}
         self._pending_requests: list[tuple] = []
         self._steps = 0
@@ -106,7 +106,7 @@ class RemoteEngine:
         """Wait for the worker's engine; share the drawn-token buffer and its event."""
         if not self._connection.poll(START_TIMEOUT_S):
             raise LockstepError(f"the {self.role} engine process did not start in time")
-        facts = self._reply("ready")
+        facts = self._reply("ready", timed=False)
         for name, value in facts.items():
             setattr(self, name, value)
         self.device = torch.device(facts["device"])
@@ -144,7 +144,9 @@ class RemoteEngine:
         except OSError as error:
             raise self._exited() from error
 
-    def _reply(self, expected: str) -> Any:
+    def _reply(self, expected: str, timed: bool = True) -> Any:
+        """The next reply, which must be `expected`; `timed` counts the wait in
+        `wait_seconds` (the waits of a step, not of a start or a `stats` request)."""
         start = time.perf_counter()
         if not self._connection.poll(REPLY_TIMEOUT_S):
             self._reap()
@@ -154,10 +156,11 @@ class RemoteEngine:
             kind, payload = self._connection.recv()
         except (EOFError, OSError) as error:
             raise self._exited() from error
-        waited = time.perf_counter() - start
-        self.wait_seconds += waited
-        by_reply = self.wait_seconds_by_reply
-        by_reply[expected] = by_reply.get(expected, 0.0) + waited
+        if timed:
+            waited = time.perf_counter() - start
+            self.wait_seconds += waited
+            by_reply = self.wait_seconds_by_reply
+            by_reply[expected] = by_reply.get(expected, 0.0) + waited
         if kind == "error":
             raise LockstepError(f"{self.role} engine process failed:\n{payload}")
         if kind != expected:
@@ -229,14 +232,12 @@ class RemoteEngine:
     def worker_seconds(self) -> dict[str, float]:
         """Host seconds the worker has spent on each kind of message, waiting for messages
         ("receiving") and, within its updates, for the sampled tokens (for profiling, between
-        calls)."""
+        successful calls: a failed call may leave a step's reply unread)."""
         self._send(("stats",))
-        return self._reply("stats")
+        return self._reply("stats", timed=False)
 
     def shutdown(self) -> None:
-        """Stop the worker (it frees its engine); kill it if it does not exit. The worker's
-        logits buffer is let go of first, so the worker does not exit while it is shared."""
-        self._logits = self._logits_ready = None
+        """Stop the worker (it frees its engine); kill it if it does not exit."""
         try:
             self._connection.send(("shutdown",))
         except (BrokenPipeError, OSError):

@@ -603,4 +603,3 @@ class LockstepPair:
                 engine.abort(request_ids)
             except Exception:  # noqa: BLE001 - best effort after the real error
                 logger.exception("could not abort requests after a failed step")
-

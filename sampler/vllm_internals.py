@@ -99,7 +99,7 @@ class StepResult:
 class SteppedEngine:
     """One vLLM engine driven step by step from outside."""
 
-    #: False: in this process (`sampler.theta_process.RemoteEngine` is the other kind).
+    #: False: in this process (`sampler.engine_process.RemoteEngine` is the other kind).
     remote = False
 
     def __init__(self, llm: Any):

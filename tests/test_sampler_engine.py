@@ -324,5 +324,5 @@ def test_an_engine_process_needs_cuda_and_overlapped_steps(role):
 
     with pytest.raises(LockstepError, match=f"a {role} engine process needs CUDA and "
                                             "overlapped steps"):
-        LockstepPair.from_models("teacher", "theta", None, [], {}, {}, overlap_steps=True,
+        LockstepPair.from_models("teacher", "theta", None, [], {}, {}, overlap_steps=False,
                                  **{f"{role}_process": True})
