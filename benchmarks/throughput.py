@@ -231,22 +231,29 @@ def engine_waits(pair) -> dict[str, float]:
     return waits
 
 
-def host_phases(pair, requests, config) -> dict:
-    """One run timing each phase's host time without synchronising the device (the steps
-    overlap as unprofiled), each engine's waits, and where each engine process's time
-    went, in ms a step."""
-    pair.enable_phase_timing(synchronise=False)
-    waits_before = engine_waits(pair)
-    workers_before = {role: engine.worker_seconds()
-                      for role, engine in (("teacher", pair.teacher), ("theta", pair.theta))
-                      if engine.remote}
+def timed_phases(pair, requests, config, synchronise: bool) -> tuple[dict, int, dict]:
+    """One run with each phase timed (see `LockstepPair.enable_phase_timing`): ms a step of
+    each phase and of the wall clock, the steps, and the traces."""
+    pair.enable_phase_timing(synchronise)
     steps_before = pair.steps_run
     start = time.perf_counter()
-    pair.generate(requests, config, seed=2, show_progress=False)
+    traces = pair.generate(requests, config, seed=2, show_progress=False)
     wall = time.perf_counter() - start
     steps = pair.steps_run - steps_before
     phases = {name: 1e3 * value / steps for name, value in pair.phase_seconds.items()}
     phases["wall_per_step"] = 1e3 * wall / steps
+    return phases, steps, traces
+
+
+def host_phases(pair, requests, config) -> dict:
+    """One run timing each phase's host time without synchronising the device (the steps
+    overlap as unprofiled), each engine's waits, and where each engine process's time
+    went, in ms a step."""
+    waits_before = engine_waits(pair)
+    workers_before = {role: engine.worker_seconds()
+                      for role, engine in (("teacher", pair.teacher), ("theta", pair.theta))
+                      if engine.remote}
+    phases, steps, _ = timed_phases(pair, requests, config, synchronise=False)
     waits = {name: 1e3 * (seconds - waits_before.get(name, 0.0)) / steps
              for name, seconds in engine_waits(pair).items()}
     workers = {}
@@ -324,15 +331,8 @@ def run_mixed(args: argparse.Namespace) -> dict:
     device_busy = measure_device_busy(pair, requests, config, max(args.batches)) \
         if overlap else None
     profile_batch, profile_tokens = max(args.batches), 256
-    pair.enable_phase_timing()
-    steps_before = pair.steps_run
-    start = time.perf_counter()
-    traces = pair.generate(requests(profile_batch, profile_tokens), config, seed=2,
-                           show_progress=False)
-    wall = time.perf_counter() - start
-    steps = pair.steps_run - steps_before
-    phases_ms = {name: 1e3 * value / steps for name, value in pair.phase_seconds.items()}
-    phases_ms["wall_per_step"] = 1e3 * wall / steps
+    phases_ms, steps, traces = timed_phases(pair, requests(profile_batch, profile_tokens),
+                                            config, synchronise=True)
     alphas = np.concatenate([t.columns[:, 1] for t in traces.values()])
     return {"overlapped_steps": pair.overlapped, "throughput": results,
             "tokens_checked_in_lockstep": pair.tokens_checked, "kernels": kernels,

@@ -377,19 +377,17 @@ class LockstepPair:
         self.theta.begin_update(step.theta_plan, step.theta_output)
 
     def _launch_teacher(self, run: _Run, retiring: _Step | None = None) -> _Step:
-        """Admit what fits, start the engine processes' step (and update of `retiring`),
-        schedule the teacher and launch its forward pass."""
+        """Admit what fits, schedule the step in both engines (an engine process is only sent
+        it), send an engine process the update of `retiring`, and launch the teacher's
+        forward pass."""
         device = self.teacher.device
         with self._phase("teacher_host"):
             admitted = self._admit(run)
             theta_plan = self.theta.schedule() if self.theta.remote else None
-            teacher_plan = self.teacher.schedule() if self.teacher.remote else None
+            step = _Step(number=run.steps, teacher_plan=self.teacher.schedule(),
+                         admitted=admitted, theta_plan=theta_plan)
             if retiring is not None:
                 self._begin_updates(retiring)
-            if teacher_plan is None:
-                teacher_plan = self.teacher.schedule()
-            step = _Step(number=run.steps, teacher_plan=teacher_plan, admitted=admitted,
-                         theta_plan=theta_plan)
         with self._phase("teacher_forward", device):
             step.teacher_output = self.teacher.execute(step.teacher_plan)
             step.has_logits = step.teacher_output is None
