@@ -21,16 +21,16 @@ from datetime import date
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from sampler.errors import IncompatibleModelsError
+from sampler.errors import ConfigError, IncompatibleModelsError
 from tasks.atomic_files import remove_stale_temporaries
 from tasks.config import REPO_ROOT, DatasetConfig, load_dataset_config
 from tasks.fan_out import generate_in_process, generate_on_workers
 from tasks.generation import check_models, resolve_models
 from tasks.layout import DataDir
-from tasks.ledger import RunLedger
+from tasks.ledger import RunLedger, record_refused_run
 from tasks.lineage import describe_generation
 from tasks.locking import run_lock
 from tasks.planning import plan_shards
@@ -57,23 +57,33 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
     then is refused (`RunLocked`). With `fan_out` (a deployment of flows/shard_worker.py, e.g.
     "generate-shards/gpu") the shards go to that deployment's GPU workers, in `workers` shares
     (default: one per worker online); otherwise they are generated in this process.
+    `dataset` names a file in flows/datasets/; a run not started from a deployment (the
+    command line) may give a path to a YAML file instead.
     """
     if workers is not None and workers < 1:
         raise ValueError(f"workers: {workers}; give at least 1, or none for one per worker online")
-    config = load_dataset_config(dataset)
+    if shard_size < 1:
+        raise ValueError(f"shard_size: {shard_size}; give at least 1 prompt per shard")
     run_date = run_date or date.today()
     data = DataDir(Path(data_dir or DEFAULT_DATA_DIR).resolve())
+    flow_run_id = str(flow_run.get_id() or "local")
+    try:
+        config = load_dataset_config(dataset, allow_path=deployment.get_id() is None)
+    except ConfigError as error:
+        record_refused_run(data, dataset, run_date, flow_run_id,
+                           f"{type(error).__name__}: {error}")
+        raise
     with run_lock(data.root, config.name, run_date, lock_wait_seconds):
-        return _run(config, run_date, data, shard_size, fan_out, workers)
+        return _run(config, run_date, data, shard_size, fan_out, workers, flow_run_id)
 
 
 def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
-         fan_out: str | None, workers: int | None) -> dict:
+         fan_out: str | None, workers: int | None, flow_run_id: str) -> dict:
     """The five steps, run while holding the (dataset, date) lock; the ledger records them."""
     if removed := remove_stale_temporaries(data.shards, data.published, data.work,
                                            data.validations):
         get_run_logger().info("removed %d temporary files left by crashed writers", removed)
-    ledger = RunLedger(data, config, run_date, str(flow_run.get_id() or "local"))
+    ledger = RunLedger(data, config, run_date, flow_run_id)
     with ledger.failure_recorded():
         try:
             check_models(config)
@@ -103,7 +113,10 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the distillation flow for one dataset.")
-    parser.add_argument("--dataset", default="demo")
+    parser.add_argument("--dataset", default="demo",
+                        help="a dataset name, the file flows/datasets/<name>.yaml, or a path "
+                             "to a dataset YAML (command line only: a deployment run takes "
+                             "names only)")
     parser.add_argument("--run-date", type=date.fromisoformat, default=None)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--data-dir", default=None)

@@ -1,7 +1,9 @@
--- Views for people querying the pipeline's output; {published_glob} is bound at refresh time.
+-- Views over the published Parquet, for people querying the pipeline's output (made once a
+-- partition is published; the runs' views are in run_views.sql). DuckDB binds no parameter in
+-- a view: tasks.sql.create_views puts published_glob in as a literal DuckDB quotes itself.
 -- Every sample is in exactly one partition (dataset, generation, run_date).
 CREATE OR REPLACE VIEW published AS
-SELECT * FROM read_parquet('{published_glob}', hive_partitioning = true, union_by_name = true);
+SELECT * FROM read_parquet($published_glob, hive_partitioning = true, union_by_name = true);
 
 -- Per prompt, every sample of its most recently generated version (generation and content).
 CREATE OR REPLACE VIEW latest_generation AS
@@ -24,16 +26,6 @@ CREATE OR REPLACE VIEW alpha_by_dataset AS
 SELECT dataset, run_date, generation, avg(alpha_mean) AS mean_alpha, min(alpha_min) AS min_alpha,
        max(alpha_max) AS max_alpha, alpha_method
 FROM published GROUP BY ALL ORDER BY dataset, run_date, generation;
-
-CREATE OR REPLACE VIEW rejected_rows AS
-SELECT dataset, stage, source_row, prompt_id, reason, run_id AS first_run_id, last_run_id,
-       rejected_at, last_seen_at
-FROM rejects ORDER BY rejected_at DESC;
-
-CREATE OR REPLACE VIEW latest_runs AS
-SELECT run_id, dataset, run_date, generation_hash AS generation, status, rows_published, message,
-       started_at, finished_at
-FROM runs ORDER BY started_at DESC;
 
 -- Per partition: how far the samples are from the student's own distribution. Weights are
 -- exp(log_importance_weight), scaled by the partition's largest before squaring (no overflow);

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import string
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from sampler.errors import ConfigError
 from sampler.mixing import MixingConfig
@@ -16,6 +19,11 @@ from tasks.answer_checks import ANSWER_CHECKS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS_DIR = REPO_ROOT / "flows" / "datasets"
 TINY_PREFIX = "tiny:"
+#: A dataset named by a deployment run's parameter: a file flows/datasets/<name>.yaml.
+DATASET_NAME = re.compile(r"[a-z0-9_-]+")
+#: A template's field: a source column by name, with no format spec or conversion, no
+#: attribute or index (which reach the value's methods and fail only at formatting time).
+TEMPLATE_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Strict(BaseModel):
@@ -51,6 +59,21 @@ class PromptConfig(Strict):
     teacher_template: str
     theta_template: str
     chat_template: bool = True
+
+    @field_validator("teacher_template", "theta_template")
+    @classmethod
+    def _plain_fields(cls, template: str) -> str:
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as error:
+            raise ValueError(f"not a template of {{column}} fields: {error}") from None
+        for _, field, spec, conversion in parts:
+            if field is not None and (spec or conversion or not TEMPLATE_FIELD.fullmatch(field)):
+                whole = field + (f"!{conversion}" if conversion else "") + (
+                    f":{spec}" if spec else "")
+                raise ValueError(f"field {{{whole}}}: a field is a source column as {{column}}, "
+                                 "without format spec, conversion, attribute or index")
+        return template
 
 
 class ModelConfig(Strict):
@@ -155,8 +178,6 @@ class DatasetConfig(Strict):
 
     @model_validator(mode="after")
     def _templates_use_known_columns(self) -> DatasetConfig:
-        import string
-
         for name in ("teacher_template", "theta_template"):
             template = getattr(self.prompts, name)
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
@@ -206,12 +227,23 @@ def parse_dataset_config(text: str, source: str = "<config>") -> DatasetConfig:
         raise ConfigError(f"{source}: sampling.{error}") from None
 
 
-def load_dataset_config(dataset: str, datasets_dir: Path = DATASETS_DIR) -> DatasetConfig:
-    """The config of `dataset` (a name in flows/datasets/ or a path to a YAML file)."""
-    path = Path(dataset)
-    if not path.suffix:
+def load_dataset_config(dataset: str, datasets_dir: Path = DATASETS_DIR,
+                        allow_path: bool = True) -> DatasetConfig:
+    """The config of `dataset`: the name of a file in flows/datasets/ or, where `allow_path`
+    (the command line; never a deployment run's parameter, which anyone who can start a run
+    sets), a path to a YAML file."""
+    known = sorted(p.stem for p in datasets_dir.glob("*.yaml"))
+    if DATASET_NAME.fullmatch(dataset):
         path = datasets_dir / f"{dataset}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in datasets_dir.glob("*.yaml"))
-        raise ConfigError(f"dataset {dataset!r}: no config at {path} (known: {known})")
-    return parse_dataset_config(path.read_text(), str(path))
+    elif allow_path:
+        path = Path(dataset)
+    else:
+        raise ConfigError(f"dataset {dataset!r}: a deployment run takes the name of a file in "
+                          f"flows/datasets/ (known: {known}), not a path")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"dataset {dataset!r}: no config at {path} (known: {known})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"dataset {dataset!r}: cannot read {path}: {error}") from None
+    return parse_dataset_config(text, str(path))

@@ -11,14 +11,30 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+
+from sampler.errors import ConfigError
+
+#: Glob characters, quotes and control characters: the catalog's `published` view reads the
+#: data dir's files through a glob in SQL text (DuckDB binds no parameters in a view), where
+#: these would change what it matches or end its literal.
+NOT_IN_DATA_DIR = re.compile(r"[*?\[\]{}'\"\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
 class DataDir:
     root: Path
+
+    def __post_init__(self) -> None:
+        for resolve in (False, True):     # the path as given, then where its links lead
+            path = str(self.root.resolve() if resolve else self.root)
+            if found := NOT_IN_DATA_DIR.search(path):
+                raise ConfigError(f"data_dir {str(self.root)!r}: {found.group()!r} is not "
+                                  "allowed in a data directory's path (no glob characters "
+                                  "*?[]{}, quotes or control characters)")
 
     @property
     def catalog(self) -> Path:
@@ -85,5 +101,6 @@ class DataDir:
                 if key == generation}
 
     def published_glob(self) -> str:
-        """Every published partition file, as the catalog's `published` view reads them."""
+        """Every published partition file, as the catalog's `published` view reads them
+        (free of glob characters and quotes but its own: see NOT_IN_DATA_DIR)."""
         return str(self.published.resolve() / "*" / "*" / "*" / "*.parquet")

@@ -21,7 +21,7 @@ from tasks.config import DatasetConfig
 from tasks.layout import DataDir
 from tasks.lineage import Generation
 from tasks.locking import run_in_progress
-from tasks.sql import query, run_sql
+from tasks.sql import create_views, run_sql
 from tasks.sql import warehouse as open_warehouse
 from tasks.validation import ValidationOutcome
 
@@ -32,6 +32,30 @@ VERSION_SCHEMA = pa.schema([("prompt_id", pa.string()), ("content_hash", pa.stri
 
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def run_id_of(dataset: str, run_date: date, flow_run_id: str) -> str:
+    """A run's id: its dataset, date and the first characters of its Prefect flow run id."""
+    return f"{dataset}-{run_date.isoformat()}-{flow_run_id[:8]}"
+
+
+def _write_run(connection: duckdb.DuckDBPyConnection, **columns: Any) -> None:
+    """Record a run's row; the views over the run tables answer from the first run on."""
+    run_sql(connection, "record_run", **columns)
+    run_sql(connection, "run_views")
+
+
+def record_refused_run(data: DataDir, dataset: str, run_date: date, flow_run_id: str,
+                       message: str) -> None:
+    """A run refused before it began, its dataset config not loaded: `dataset` is the name
+    or path it was given, `message` why; `runs` and `latest_runs` say so."""
+    at = now()
+    with open_warehouse(data.catalog) as connection:
+        _write_run(connection, run_id=run_id_of(dataset, run_date, flow_run_id),
+                   dataset=dataset, run_date=run_date, flow_run_id=flow_run_id,
+                   config_hash="", config=None, generation_hash=None, code_version=None,
+                   code_dirty=None, status="failed", rows_published=0,
+                   message=message[:2000], started_at=at, finished_at=at)
 
 
 def reject_key(stage: str, reason: str, raw: str | None) -> str:
@@ -62,7 +86,7 @@ class RunLedger:
         self.config = config
         self.run_date = run_date
         self.flow_run_id = flow_run_id
-        self.run_id = f"{config.name}-{run_date.isoformat()}-{flow_run_id[:8]}"
+        self.run_id = run_id_of(config.name, run_date, flow_run_id)
         self.started_at = now()
         self.generation: Generation | None = None
 
@@ -82,23 +106,18 @@ class RunLedger:
                 connection.execute("ROLLBACK")
                 raise
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection for reading the source (a DuckDB-query source may use the catalog)."""
-        with self._connection() as connection:
-            yield connection
-
     def _record_run(self, connection: duckdb.DuckDBPyConnection, status: str,
                     rows_published: int | None = None, message: str | None = None) -> None:
         generation = self.generation
-        run_sql(connection, "record_run", run_id=self.run_id, dataset=self.config.name,
-                run_date=self.run_date, flow_run_id=self.flow_run_id,
-                config_hash=self.config.config_hash(), config=self.config.model_dump_json(),
-                generation_hash=generation and generation.key,
-                code_version=generation and generation.commit,
-                code_dirty=generation and generation.dirty, status=status,
-                rows_published=rows_published, message=message, started_at=self.started_at,
-                finished_at=None if status == "running" else now())
+        _write_run(connection, run_id=self.run_id, dataset=self.config.name,
+                   run_date=self.run_date, flow_run_id=self.flow_run_id,
+                   config_hash=self.config.config_hash(), config=self.config.model_dump_json(),
+                   generation_hash=generation and generation.key,
+                   code_version=generation and generation.commit,
+                   code_dirty=generation and generation.dirty, status=status,
+                   rows_published=rows_published, message=message,
+                   started_at=self.started_at,
+                   finished_at=None if status == "running" else now())
 
     def begin(self, generation: Generation) -> None:
         """Mark runs of this dataset that died as crashed (this date's: the caller holds its
@@ -225,11 +244,10 @@ class RunLedger:
             self._record_validation(connection, "dataset", None, outcome)
 
     def refresh_views(self) -> None:
-        """(Re)create the SQL views over the published Parquet and the run tables."""
+        """(Re)create the SQL views over the published Parquet."""
         if any(self.data.published.glob("*/*/*/*.parquet")):
             with self._connection() as connection:
-                connection.execute(query("catalog").format(
-                    published_glob=self.data.published_glob()))
+                create_views(connection, "catalog", published_glob=self.data.published_glob())
 
     def rejected_count(self) -> int:
         """Distinct rejects this run saw (recorded now or by an earlier run)."""

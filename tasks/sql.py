@@ -41,6 +41,18 @@ def run_sql(connection: duckdb.DuckDBPyConnection, name: str,
     return connection
 
 
+def create_views(connection: duckdb.DuckDBPyConnection, name: str, **literals: str
+                 ) -> None:
+    """Run sql/<name>.sql, view definitions, which DuckDB cannot prepare: each `$name` in it
+    becomes the string literal of its value as DuckDB itself quotes it (ConstantExpression),
+    so a value can never end its literal and add SQL."""
+    def literal(match: re.Match) -> str:
+        return str(duckdb.ConstantExpression(str(literals[match.group(1)])))
+
+    for statement in statements(name):
+        connection.execute(PARAMETER.sub(literal, COMMENT.sub("", statement)))
+
+
 @cache
 def schema_hash() -> str:
     """Version of sql/schema.sql: the hash of its text."""
@@ -57,34 +69,45 @@ def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
         run_sql(connection, "schema", schema_hash=schema_hash())
 
 
-def connect(path: Path, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
-    """Open (creating if needed) a warehouse file with the schema in place.
+class CatalogMissing(FileNotFoundError):
+    """A catalog opened to read that no run has made yet: reading creates nothing."""
+
+
+def connect(path: Path, wait_seconds: float = 120.0, read_only: bool = False
+            ) -> duckdb.DuckDBPyConnection:
+    """Open a warehouse file: to write, creating it if needed with the schema in place; to
+    read, only if a run made it (a reader creates no file or folder, writes no schema).
 
     DuckDB lets one process write a file at a time; another run or a reader holding it
     makes this wait and retry (up to `wait_seconds`) rather than fail.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if read_only and not path.is_file():
+        raise CatalogMissing(f"catalog {path} does not exist: it appears after the first run "
+                             "of the flow with this data directory")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
-            connection = duckdb.connect(str(path))
+            connection = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as error:
             if "lock" not in str(error).lower() or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
-    ensure_schema(connection)
+    if not read_only:
+        ensure_schema(connection)
     return connection
 
 
 @contextlib.contextmanager
-def warehouse(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+def warehouse(path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection for one piece of work, closed afterwards so other processes can write.
 
     While it is open no other process can open the file: a read-then-write inside one
     connection is atomic across runs.
     """
-    connection = connect(path)
+    connection = connect(path, read_only=read_only)
     try:
         yield connection
     finally:
@@ -94,8 +117,5 @@ def warehouse(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 def read_catalog(path: Path, text: str) -> list[tuple]:
     """Rows of one query on a read-only connection, closed at once: while a reader holds the
     file, no run can write it."""
-    connection = duckdb.connect(str(path), read_only=True)
-    try:
+    with warehouse(path, read_only=True) as connection:
         return connection.execute(text).fetchall()
-    finally:
-        connection.close()
