@@ -36,6 +36,14 @@ def load_tokenizer(model: str | Path, role: str) -> Any:
                                       f"{error}") from error
 
 
+def control_token_strings(tokenizer: Any) -> set[str]:
+    """Strings the tokenizer reads as one special or added token wherever they stand in a
+    text (`<|im_start|>`, `<|assistant|>`): text from a source that holds one can forge a
+    chat turn or end a prompt early, so source rows must not."""
+    added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    return {token for token in added | set(tokenizer.all_special_tokens) if token}
+
+
 def shared_vocab_size(teacher: Any, theta: Any) -> int:
     """Ids both tokenizers define, refusing a pair that gives one id two meanings.
 

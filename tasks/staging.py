@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from pathlib import Path
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -14,13 +17,15 @@ import pandas as pd
 from prefect import task
 
 from sampler.errors import ConfigError
-from tasks.config import DatasetConfig
+from sampler.prompts import control_token_strings, load_tokenizer
+from tasks.config import DatasetConfig, SourceConfig
 from tasks.ledger import RunLedger
-from tasks.sql import query
+from tasks.sql import connect
 
 logger = logging.getLogger(__name__)
 
-READERS = {"csv": "read_csv_auto(?)", "parquet": "read_parquet(?)"}
+#: A JSON escape of a UTF-16 surrogate: paired (an emoji) or lone (no UTF-8 form).
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 PROMPT_COLUMNS = ["prompt_id", "content_hash", "source_row", "fields", "teacher_prompt",
                   "theta_prompt"]
 
@@ -40,92 +45,237 @@ class StagedPrompt:
         return self.prompt_id, self.content_hash
 
 
-def read_jsonl(path: Path, limit: int | None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """JSONL read line by line, so one bad line (invalid UTF-8, broken JSON) is one reject."""
-    records, rejects = [], []
+def lone_surrogate(record: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, problem) for the first field of `record` holding a lone surrogate: valid JSON
+    (`"\\ud800"`) with no UTF-8 form, which no table or Parquet file can store."""
+    for key, value in record.items():
+        text = json.dumps([key, value], ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return key, (f"field {ascii(key)} holds a lone surrogate "
+                         f"(U+{ord(text[error.start]):04X}), which no UTF-8 text can hold")
+    return None
+
+
+def read_jsonl(path: Path, limit: int | None, id_column: str | None
+               ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """JSONL read line by line, so one bad line (invalid UTF-8, broken JSON, a lone
+    surrogate) is one reject, with the row's id where it has one.
+
+    The frame's index is the line number, kept apart from the row's fields: a field named
+    `source_row` is the source's own and cannot stand in for it."""
+    records, numbers, rejects = [], [], []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if limit is not None and len(records) >= limit:
                 break
             if not raw.strip():
                 continue
-            problem = None
+            problem, prompt_id = None, None
             try:
                 record = json.loads(raw.decode("utf-8"))
                 if not isinstance(record, dict):
                     problem = f"not a JSON object but {type(record).__name__}"
+                elif SURROGATE_ESCAPE.search(raw) and (found := lone_surrogate(record)):
+                    field, problem = found
+                    if field != id_column and not is_null(record.get(id_column)):
+                        prompt_id = str(record[id_column])
             except UnicodeDecodeError as error:
                 problem = f"invalid UTF-8 at byte {error.start} of the line"
             except json.JSONDecodeError as error:
                 problem = f"not valid JSON ({error})"
             if problem:
-                rejects.append({"source_row": number, "prompt_id": None,
+                rejects.append({"source_row": number, "prompt_id": prompt_id,
                                 "reason": f"row {number}: {problem}",
                                 "raw": raw[:4000].decode("utf-8", errors="replace")})
                 continue
-            records.append({"source_row": number, **record})
-    return pd.DataFrame.from_records(records), rejects
+            records.append(record)
+            numbers.append(number)
+    return pd.DataFrame.from_records(records, index=pd.Index(numbers, dtype="int64")), rejects
 
 
-def read_source(connection: duckdb.DuckDBPyConnection, config: DatasetConfig
+def single_select(query: str) -> str:
+    """The text of `query` if it is exactly one SELECT statement: anything else (a second
+    statement, COPY, DROP, ATTACH) is refused before it runs."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as error:
+        raise ConfigError(f"source.query: not one valid DuckDB statement: {error}") from None
+    kinds = [statement.type.name for statement in statements]
+    if kinds != ["SELECT"]:
+        raise ConfigError(f"source.query: must be exactly one SELECT statement; it has "
+                          f"{len(kinds)} statement(s) of type(s) {kinds}")
+    return statements[0].query
+
+
+@contextlib.contextmanager
+def sandboxed(connection: duckdb.DuckDBPyConnection, readable: Path | None
+              ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """`connection` able to read files only under `readable` (none when None), closed
+    afterwards. DuckDB refuses to lift either setting once external access is off."""
+    try:
+        if readable is not None and readable.is_dir():
+            connection.execute("SET allowed_directories = ?", [[str(readable)]])
+        elif readable is not None:
+            connection.execute("SET allowed_paths = ?", [[str(readable)]])
+        connection.execute("SET enable_external_access = false")
+        yield connection
+    finally:
+        connection.close()
+
+
+def run_source_query(source: SourceConfig, catalog: Path | None) -> pd.DataFrame:
+    """A dataset's DuckDB query, where it cannot write: one SELECT, reading files only under
+    `source.path` (none without one), run in memory or, when it names tables, on the catalog
+    opened read-only."""
+    query = single_select(source.query or "")
+    readable = source.resolved_path() if source.path else None
+    if readable is not None and not readable.exists():
+        raise ConfigError(f"source.path: {readable} does not exist")
+    try:
+        with sandboxed(duckdb.connect(), readable) as probe:
+            names_tables = bool(probe.get_table_names(query))
+        connection = (connect(catalog, read_only=True) if names_tables and catalog is not None
+                      else duckdb.connect())
+        with sandboxed(connection, readable) as connection:
+            relation = connection.sql(query)
+            return (relation.limit(source.limit) if source.limit else relation).df()
+    except duckdb.Error as error:
+        raise ConfigError(f"source.query: cannot run it: {error}") from error
+
+
+def read_file(source: SourceConfig, path: Path) -> pd.DataFrame:
+    """A CSV or Parquet source, read by DuckDB in memory from the bound path."""
+    connection = duckdb.connect()
+    try:
+        relation = (connection.read_csv(str(path)) if source.format == "csv"
+                    else connection.read_parquet(str(path)))
+        return (relation.limit(source.limit) if source.limit else relation).df()
+    finally:
+        connection.close()
+
+
+def read_source(config: DatasetConfig, catalog: Path | None = None
                 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Source rows with `source_row`, and rows unreadable on their own (as rejects).
+    """Source rows indexed by their 1-based row number, and rows unreadable on their own (as
+    rejects). A DuckDB query may read the `catalog`, read-only.
 
     A source that cannot be read at all, or lacks a configured column, raises naming it.
     """
     source = config.source
     rejects: list[dict[str, Any]] = []
-    path = None if source.format == "duckdb_query" else source.resolved_path()
-    if path is not None and not path.is_file():
-        raise ConfigError(f"source.path: {path} does not exist or is not a file")
-    try:
-        if source.format == "jsonl":
-            frame, rejects = read_jsonl(path, source.limit)
-        else:
-            reader = f"({source.query})" if path is None else READERS[source.format]
-            sql = query("read_source").format(reader=reader)
-            if source.limit:
-                sql += f"\nLIMIT {int(source.limit)}"
-            frame = connection.execute(sql, [] if path is None else [str(path)]).df()
-    except (duckdb.Error, OSError) as error:
-        raise ConfigError(f"source: cannot read {source.path or 'query'}: {error}") from error
+    if source.format == "duckdb_query":
+        frame = run_source_query(source, catalog)
+    else:
+        path = source.resolved_path()
+        if not path.is_file():
+            raise ConfigError(f"source.path: {path} does not exist or is not a file")
+        try:
+            if source.format == "jsonl":
+                frame, rejects = read_jsonl(path, source.limit, config.id_column)
+            else:
+                frame = read_file(source, path)
+        except (duckdb.Error, OSError) as error:
+            raise ConfigError(f"source: cannot read {source.path}: {error}") from error
+    if source.format != "jsonl":
+        frame.index = pd.RangeIndex(1, len(frame) + 1)
     missing = [c for c in [*config.text_columns, *filter(None, [config.id_column])]
                if c not in frame.columns]
     if missing:
-        raise ConfigError(f"source: column(s) {missing} missing; it has "
-                          f"{[c for c in frame.columns if c != 'source_row']}")
+        raise ConfigError(f"source: column(s) {missing} missing; it has {list(frame.columns)}")
     return frame, rejects
+
+
+def is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
 
 
 def content_hash(fields: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
+def trie_pattern(strings: Iterable[str]) -> re.Pattern[str] | None:
+    """A regex for any of `strings`, built as a trie (one branch per next character) so a
+    search tests each position against first characters only, however many strings."""
+    trie: dict[str, dict] = {}
+    for text in strings:
+        node = trie
+        for char in text:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def branch(node: dict[str, dict]) -> str:
+        arms = [re.escape(char) + branch(child) for char, child in node.items() if char]
+        if not arms:
+            return ""
+        return "(?:" + "|".join(arms) + ")" + ("?" if "" in node else "")
+
+    return re.compile(branch(trie)) if trie else None
+
+
+class TextScreen:
+    """Special and added token strings of either model's tokenizer, which source text must
+    not hold: each would be read as that token, not as text (`<|im_end|>` ends the user's
+    turn and what follows forges the next). One pass of one trie regex per text."""
+
+    def __init__(self, token_owners: Mapping[str, tuple[str, ...]]) -> None:
+        self.token_owners = dict(token_owners)
+        self.tokens = trie_pattern(self.token_owners)
+
+    def problem(self, field: str, text: str) -> str | None:
+        """Why `text` (of `field`) cannot be staged, or None."""
+        found = self.tokens and self.tokens.search(text)
+        if not found:
+            return None
+        owners = self.token_owners[found.group()]
+        return (f"field '{field}' holds {found.group()!r}, a special token of the "
+                f"{' and '.join(owners)} tokenizer{'s' * (len(owners) > 1)} (it would be read "
+                f"as one, not as text)")
+
+
+def model_text_screen(config: DatasetConfig) -> TextScreen:
+    """The screen for `config`'s source rows: both models' special and added tokens."""
+    from tasks.generation import resolve_models  # tasks.generation plans StagedPrompts
+
+    owners: dict[str, list[str]] = {}
+    for role, model in zip(("teacher", "theta"), resolve_models(config)):
+        for token in control_token_strings(load_tokenizer(model, role)):
+            owners.setdefault(token, []).append(role)
+    return TextScreen({token: tuple(roles) for token, roles in owners.items()})
+
+
+def normalise_rows(frame: pd.DataFrame, config: DatasetConfig, screen: TextScreen
                    ) -> tuple[list[StagedPrompt], list[dict[str, Any]]]:
-    """Good rows as prompts; bad rows as rejects, each with a reason that names the row."""
+    """Good rows as prompts; bad rows as rejects, each with a reason that names the row and
+    the row's id where it has one (a reject is keyed by it)."""
     staged: dict[str, StagedPrompt] = {}
     rejects: list[dict[str, Any]] = []
-    for record in frame.to_dict("records"):
-        row = int(record["source_row"])
+    for row, record in zip(frame.index.tolist(), frame.to_dict("records")):
+        raw_id = record.get(config.id_column) if config.id_column else None
+        problem = None
+        if config.id_column and is_null(raw_id):
+            problem = f"id column '{config.id_column}' is NULL"
+        prompt_id = None if problem or not config.id_column else str(raw_id)
 
-        def reject(reason: str, prompt_id: str | None = None, row: int = row,
-                   record: dict = record) -> None:
+        def reject(reason: str, row: int = row, record: dict = record,
+                   prompt_id: str | None = prompt_id) -> None:
             rejects.append({"source_row": row, "prompt_id": prompt_id,
                             "reason": f"row {row}: {reason}",
                             "raw": json.dumps(record, default=str)[:4000]})
 
-        fields, problem = {}, None
+        fields: dict[str, str] = {}
         for column in config.text_columns:
+            if problem:
+                break
             value = record.get(column)
-            if value is None or (isinstance(value, float) and pd.isna(value)):
+            fields[column] = text = "" if is_null(value) else str(value).strip()
+            if is_null(value):
                 problem = f"field '{column}' is missing (NULL)"
-                break
-            text = str(value).strip()
-            if not text:
+            elif not text:
                 problem = f"field '{column}' is empty"
-                break
-            fields[column] = text
+            else:
+                problem = screen.problem(column, text)
         if problem:
             reject(problem)
             continue
@@ -137,18 +287,11 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
                    f"({config.max_prompt_chars})")
             continue
         digest = content_hash(fields)
-        if config.id_column:
-            raw_id = record.get(config.id_column)
-            if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)):
-                reject(f"id column '{config.id_column}' is NULL")
-                continue
-            prompt_id = str(raw_id)
-        else:
-            prompt_id = digest[:16]
+        prompt_id = digest[:16] if prompt_id is None else prompt_id
         earlier = staged.get(prompt_id)
         if earlier is not None:
             if earlier.content_hash != digest:
-                reject(f"duplicate id '{prompt_id}' with different content", prompt_id)
+                reject(f"duplicate id '{prompt_id}' with different content")
             continue
         staged[prompt_id] = StagedPrompt(row, prompt_id, digest, teacher_prompt, theta_prompt,
                                          fields)
@@ -158,9 +301,8 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig
 @task(name="stage-prompts")
 def stage_prompts(ledger: RunLedger, config: DatasetConfig) -> list[StagedPrompt]:
     """Load the source into the warehouse; returns the usable prompts of this run."""
-    with ledger.reading() as connection:
-        frame, unreadable = read_source(connection, config)
-    prompts, rejects = normalise_rows(frame, config)
+    frame, unreadable = read_source(config, ledger.data.catalog)
+    prompts, rejects = normalise_rows(frame, config, model_text_screen(config))
     rejects = unreadable + rejects
     staged = pd.DataFrame([{**asdict(p), "fields": json.dumps(p.fields)} for p in prompts],
                           columns=PROMPT_COLUMNS)
