@@ -152,8 +152,8 @@ def generation_section(part: CardPart, table: pa.Table) -> list[str]:
     lines = [f"### Generation `{facts.generation}`", ""]
     for role in ("teacher", "theta"):
         checkpoint = settings["checkpoints"][role]
-        lines.append(f"- {role}: `{checkpoint['name']}` (loaded from `{checkpoint['path']}`, "
-                     f"fingerprint `{checkpoint['fingerprint']}`)")
+        lines.append(f"- {role}: `{checkpoint['name']}` (fingerprint "
+                     f"`{checkpoint['fingerprint']}`)")
     alpha = (f"fixed α = {sampling['fixed_alpha']}" if sampling["alpha_method"] == "fixed"
              else f"`{sampling['alpha_method']}`")
     lines += [

@@ -22,11 +22,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.atomic_files import write_atomically, write_text_atomically
+from tasks.atomic_files import (make_folders, replace_durably, write_atomically,
+                                write_text_atomically)
 from tasks.dataset_card import CARD_TITLE, GENERATION_KEY, CardPart, PartitionFacts, render_card
 from tasks.layout import DataDir
 
 logger = logging.getLogger(__name__)
+
+
+#: Columns of partitions published before checkpoints were named by name and fingerprint only:
+#: their local folders. An export leaves them out, and the paths in their settings.
+LOCAL_PATH_COLUMNS = ("teacher_path", "theta_path")
 
 
 class ExportError(ValueError):
@@ -69,17 +75,24 @@ def find_partitions(data: DataDir, dataset: str, run_dates: list[date] | None = 
 
 
 def read_partition(partition: Partition, dataset: str) -> tuple[pa.Table, CardPart]:
-    """A partition's rows with `dataset` and `run_date` added, and what its card says."""
+    """A partition's rows with `dataset` and `run_date` added, and what its card says; no
+    local checkpoint path of an older partition goes with them."""
     table = pq.read_table(partition.path)
     metadata = table.schema.metadata or {}
     try:
         facts = PartitionFacts.from_metadata(metadata, str(partition.path))
     except ValueError as error:
         raise ExportError(str(error)) from None
+    settings = json.loads(metadata[GENERATION_KEY])
+    for checkpoint in settings["checkpoints"].values():
+        checkpoint.pop("path", None)
+    table = table.drop_columns([c for c in LOCAL_PATH_COLUMNS if c in table.column_names])
+    table = table.replace_schema_metadata(
+        {**metadata, GENERATION_KEY: json.dumps(settings, sort_keys=True).encode()})
     rows = table.num_rows
     table = table.append_column("dataset", pa.array([dataset] * rows, pa.string()))
     table = table.append_column("run_date", pa.array([partition.run_date] * rows, pa.date32()))
-    return table, CardPart(facts, json.loads(metadata[GENERATION_KEY]))
+    return table, CardPart(facts, settings)
 
 
 def export_dataset(data: DataDir, dataset: str, out: Path, run_dates: list[date] | None = None,
@@ -152,20 +165,32 @@ def _swap_in(staging: Path, out: Path) -> None:
     """Rename the finished folder to `out`, replacing what was there."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
+        replace_durably(out, old)
+        replace_durably(staging, out)
         shutil.rmtree(old)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+        make_folders(out.parent)
+        replace_durably(staging, out)
 
 
-def push_to_hub(folder: Path, repo_id: str, token: str, private: bool = True) -> str:
-    """Upload an exported folder as a Hub dataset repository; returns the commit URL."""
-    from huggingface_hub import HfApi
+def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
+    """Upload an exported folder as a Hub dataset repository; returns the commit URL.
 
-    api = HfApi(token=token)
+    The token comes from HF_TOKEN or the login cache (`hf auth login`), never from the command
+    line (where `ps` and the shell history would show it). `create_repo(private=True)` leaves
+    an existing public repository public, so its visibility is checked before anything is sent.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    if get_token() is None:
+        raise ExportError(f"--hub-repo {repo_id}: no Hub token; set HF_TOKEN or run "
+                          "`hf auth login`")
+    api = HfApi()
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    if private and not api.repo_info(repo_id, repo_type="dataset").private:
+        raise ExportError(f"--hub-repo {repo_id}: the repository exists and is public; "
+                          "nothing uploaded. Pass --public to publish there, or make it "
+                          "private on the Hub first")
     commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
                                commit_message=f"Export of {folder.name}")
     return str(commit.commit_url)

@@ -5,6 +5,10 @@ A generation is everything that changes the samples: the dataset's generation se
 prompts, templates, models, sampling, engine), a fingerprint of each checkpoint and the
 version of the generation code. Its key names shard files and partitions, so a change of any
 of these makes new rows in new partitions and never relabels old ones.
+
+What is published (rows, Parquet metadata, cards) names a checkpoint by its config name and
+fingerprint only; the local folder an engine loaded stays in the catalog on this machine, so
+a published dataset never shows a home directory or a mount layout.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class Generation:
 
     key: str
     settings: str             # JSON: generation settings, checkpoints, sampler version
+    published_settings: str   # the same without the checkpoints' local paths
     sampler_version: str
     commit: str | None
     dirty: bool | None
@@ -119,10 +124,9 @@ class Generation:
         return {"generation": self.key, "generated_run_id": run_id, "generated_at": generated_at,
                 "sampler_version": self.sampler_version, "generated_commit": self.commit,
                 "generated_dirty": self.dirty,
-                "teacher_model": self.teacher.name, "teacher_path": self.teacher.path,
+                "teacher_model": self.teacher.name,
                 "teacher_fingerprint": self.teacher.fingerprint,
-                "theta_model": self.theta.name, "theta_path": self.theta.path,
-                "theta_fingerprint": self.theta.fingerprint}
+                "theta_model": self.theta.name, "theta_fingerprint": self.theta.fingerprint}
 
 
 def describe_generation(config: DatasetConfig, model_paths: tuple[str, str],
@@ -139,11 +143,19 @@ def describe_generation(config: DatasetConfig, model_paths: tuple[str, str],
     identity = {**config.generation_settings(), "sampler_version": version,
                 "fingerprints": {"teacher": teacher.fingerprint, "theta": theta.fingerprint}}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    settings = json.dumps({**identity, "checkpoints": {"teacher": asdict(teacher),
-                                                       "theta": asdict(theta)}}, sort_keys=True)
+    settings, published = (
+        json.dumps({**identity, "checkpoints": {role: describe(checkpoint) for role, checkpoint
+                                                in (("teacher", teacher), ("theta", theta))}},
+                   sort_keys=True)
+        for describe in (asdict, public_checkpoint))
     commit, dirty = git_state(repo)
     for checkpoint in (teacher, theta):
         if checkpoint.fingerprint is None:
             logger.warning("no local files for %s: its fingerprint is recorded as null",
                            checkpoint.name)
-    return Generation(key, settings, version, commit, dirty, teacher, theta)
+    return Generation(key, settings, published, version, commit, dirty, teacher, theta)
+
+
+def public_checkpoint(checkpoint: Checkpoint) -> dict[str, str | None]:
+    """What a published dataset says of a checkpoint: its name and fingerprint, not its path."""
+    return {"name": checkpoint.name, "fingerprint": checkpoint.fingerprint}

@@ -158,7 +158,7 @@ def publish_passed(settled: list[SettledShard], prompts: list[StagedPrompt],
     path = ledger.data.partition(config.name, ledger.generation.key, ledger.run_date)
     facts = partition_facts(config, ledger, curated, generated.num_rows,
                             validation_summary(settled, overall), shard_size)
-    publish_partition(curated.table, path, ledger.generation.settings, facts)
+    publish_partition(curated.table, path, ledger.generation.published_settings, facts)
     ledger.mark_published([p.version for s in passed if s.shard.sample_round == FIRST_ROUND
                            for p in s.shard.prompts])
     ledger.refresh_views()

@@ -3,7 +3,6 @@ rest, quarantine a shard that fails, and record the outcome in the catalog."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.atomic_files import make_folders, replace_durably
 from tasks.config import DatasetConfig
 from tasks.generation import ShardOutcome
 from tasks.ledger import RunLedger
@@ -44,8 +44,8 @@ class SettledShard:
 def quarantine(path: Path, ledger: RunLedger) -> Path:
     """Move a shard that failed validation out of the way, beside this run's other failures."""
     target = ledger.data.quarantined(ledger.config.name, ledger.run_id, path.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
+    make_folders(target.parent)
+    replace_durably(path, target)
     return target
 
 

@@ -34,9 +34,9 @@ SHARD_SCHEMA = pa.schema([
     ("generation", pa.string()), ("generated_run_id", pa.string()),
     ("generated_at", pa.timestamp("us")), ("sampler_version", pa.string()),
     ("generated_commit", pa.string()), ("generated_dirty", pa.bool_()),
-    ("teacher_model", pa.string()), ("teacher_path", pa.string()),
-    ("teacher_fingerprint", pa.string()), ("theta_model", pa.string()),
-    ("theta_path", pa.string()), ("theta_fingerprint", pa.string()),
+    # checkpoints by name and fingerprint: their local folders stay in the catalog
+    ("teacher_model", pa.string()), ("teacher_fingerprint", pa.string()),
+    ("theta_model", pa.string()), ("theta_fingerprint", pa.string()),
 ])
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tasks.config import DATASETS_DIR, parse_dataset_config
 from tasks.publishing import curate
-from tasks.staging import normalise_rows, read_source
+from tasks.staging import TextScreen, normalise_rows, read_source
 from tasks.validation import validation_frame
 
 ROWS = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
@@ -40,11 +40,11 @@ def test_every_source_format_stages_the_same_prompts(tmp_path, fmt):
         path = tmp_path / "rows.parquet"
         pq.write_table(table, path)
         source = (f"source:\n  format: duckdb_query\n  query: \"SELECT * FROM "
-                  f"read_parquet('{path}') ORDER BY length(question) DESC\"\n")
+                  f"read_parquet('{path}') ORDER BY length(question) DESC\"\n"
+                  f"  path: {tmp_path}\n")
     config = config_for(source)
-    connection = duckdb.connect()
-    frame, unreadable = read_source(connection, config)
-    prompts, rejects = normalise_rows(frame, config)
+    frame, unreadable = read_source(config)
+    prompts, rejects = normalise_rows(frame, config, TextScreen({}))
     assert unreadable == []
     assert sorted(p.fields["question"] for p in prompts) == sorted(r["question"] for r in ROWS[:2])
     assert len(rejects) == 1 and "row 3: field 'question' is " in rejects[0]["reason"]

@@ -26,6 +26,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.distill import distill
 from flows.export import main as export_main
 from sampler.errors import ConfigError
+from tasks import answer_checks
 from tasks.answer_checks import gsm8k_final_answer
 from tasks.config import DATASETS_DIR, parse_dataset_config
 from tasks.dataset_card import (CARD_TITLE, GENERATION_KEY, CardPart, PartitionFacts,
@@ -226,7 +227,8 @@ def test_sft_trainer_masks_the_conversational_prompt(published, tmp_path):
     assert trainer.train().global_step == 1
 
 
-def test_export_writes_a_folder_that_load_dataset_opens(published, tmp_path, capsys, caplog):
+def test_export_writes_a_folder_that_load_dataset_opens(published, tmp_path, capsys, caplog,
+                                                       monkeypatch):
     """Two dates (the second a copy of the first without one column) in one folder."""
     data_dir = published["data_dir"]
     partition = published["partition"]
@@ -275,9 +277,11 @@ def test_export_writes_a_folder_that_load_dataset_opens(published, tmp_path, cap
         assert export_main(["--dataset", "demo", "--out", str(out), "--data-dir",
                             str(data_dir), "--run-date", "2026-05-05", "--overwrite"]) == 0
         assert load(out, "default", tmp_path / "cache2").num_rows == table.num_rows
-        with pytest.raises(SystemExit):
-            export_main(["--dataset", "demo", "--out", str(out), "--hub-repo", "org/name",
-                         "--token", ""])
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        with pytest.raises(SystemExit):              # no Hub token anywhere: refused up front
+            export_main(["--dataset", "demo", "--out", str(out), "--hub-repo", "org/name"])
+        assert "--hub-repo needs a Hub token" in capsys.readouterr().err
     finally:
         shutil.rmtree(later)
 
@@ -320,10 +324,15 @@ def test_gsm8k_final_answer_means_the_same_number(answer, reference, correct):
     assert gsm8k_final_answer(answer, reference) is correct
 
 
-@pytest.mark.timeout(10)
-def test_an_answer_math_verify_would_never_finish_is_wrong_at_once():
+def test_an_answer_math_verify_would_never_finish_is_wrong_at_once(monkeypatch):
     """math-verify runs without its timeouts (they need the main thread); evaluating this
-    power tower would hang the run's publishing."""
+    power tower would hang the run's publishing, so it must not reach math-verify at all
+    (checked by a tripwire, not a clock, which a loaded machine stretches)."""
+    def tripwire(*args, **kwargs):
+        raise AssertionError(f"math-verify was handed {args}")
+
+    monkeypatch.setattr(answer_checks, "parse", tripwire)
+    monkeypatch.setattr(answer_checks, "verify", tripwire)
     assert gsm8k_final_answer("#### 9^9^9^9", "#### 18") is False
 
 
