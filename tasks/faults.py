@@ -1,7 +1,11 @@
 """Named crash points for the fault suite: `DISTILL_CRASH_AT=<point>[:<n>][:machine]` kills
 this process with SIGKILL the n-th time (default first) it reaches <point>; with `:machine` it
 stops its whole process group instead (SIGSTOP: a worker and its flow run freeze mid-work and
-nothing reports their end, as when a machine stops answering). Unset, it does nothing."""
+nothing reports their end, as when a machine stops answering). Unset, it does nothing.
+
+Points are counted per process, over all its threads: when the n-th arrival dies, writers on
+other threads may not have started, be mid-write, or be past the point, as timing has it. A
+test reads what they left from the disk; it does not assume how many were in flight."""
 
 from __future__ import annotations
 

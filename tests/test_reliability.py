@@ -6,6 +6,7 @@ Crashes are real: the flow runs in its own process, which a named crash point
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.distill import RunFailed, distill
 from sampler.errors import ConfigError
 from tasks.config import DATASETS_DIR, REPO_ROOT
-from tasks.locking import RunLocked, run_lock
+from tasks.locking import RunLocked, lock_path, run_lock
 from tasks.sql import read_catalog
 
 logger = logging.getLogger(__name__)
@@ -74,11 +76,24 @@ class FlowProcess:
         try:
             code = self.process.wait(timeout=timeout)
         finally:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.kill()
         return code, self.log.read_text()
+
+    def kill(self) -> None:
+        """End the process group, whatever it is doing (stopped included)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def killed_on_failure(*flows: FlowProcess) -> Iterator[None]:
+    """Kill the flow processes if the block fails, so none outlives the test."""
+    try:
+        yield
+    except BaseException:
+        for flow in flows:
+            flow.kill()
+        raise
 
 
 def flow_process(data_dir: Path, api_url: str, dataset: str, **options) -> tuple[int, str]:
@@ -114,32 +129,55 @@ def assert_each_prompt_once(data_dir: Path, expected: int = 12,
     assert len(keys) == expected and len(set(keys)) == expected
 
 
+def temporary_shard(path: Path) -> tuple[str, int]:
+    """The shard key and writer pid in a temporary file's name (tasks/atomic_files.py)."""
+    target, _host, pid, _thread, _ = path.name.rsplit(".", 4)
+    return target.removeprefix(".").removesuffix(".parquet"), int(pid)
+
+
 def test_a_date_killed_while_writing_a_shard_leaves_its_prompts_to_the_next(harness, demo,
                                                                            tmp_path):
-    """SIGKILL after the 1st of 3 shard files: the next date takes over the dead run's
-    prompts (reusing its finished shard), marks it crashed, and its rerun finds nothing left."""
-    code, output = flow_process(tmp_path, harness, demo, crash_at="shard-write:2")
+    """SIGKILL as the last of the 3 shards reaches its rename: each shard is then a finished
+    file or a whole hidden temporary file (how many of each depends on the threads' timing,
+    so the test reads it off the folder). The next date takes over the dead run's prompts,
+    reusing its finished shards and regenerating the others, marks it crashed, and its rerun
+    finds nothing left."""
+    flow = FlowProcess(tmp_path, harness, demo, crash_at="shard-write:3")
+    code, output = flow.finish()
     assert code == -9, output[-2000:]
-    finished = list((tmp_path / "shards" / "demo").glob("*.parquet"))
-    leftovers = list((tmp_path / "shards" / "demo").glob(".*.tmp"))
-    assert len(finished) == 1 and len(leftovers) == 1
+    folder = tmp_path / "shards" / "demo"
+    finished = {path.name.removesuffix(".parquet") for path in folder.glob("*.parquet")}
+    temporaries = sorted(folder.glob(".*.tmp"))
+    unrenamed = {temporary_shard(path)[0] for path in temporaries}
+    logger.info("killed with %d shards renamed and %d not", len(finished), len(unrenamed))
+    assert len(finished | unrenamed) == len(finished) + len(temporaries) == 3, (finished,
+                                                                                temporaries)
+    assert unrenamed, "the killed writer's temporary file is missing"
+    for path in temporaries:
+        assert temporary_shard(path)[1] == flow.process.pid, path
+        assert pq.read_table(path).num_rows == 4, path
     assert visible_parquet(tmp_path) == []
     assert in_process(tmp_path, demo, NEXT_DATE)["rows_published"] == 12
     assert_each_prompt_once(tmp_path, run_date=NEXT_DATE)
-    assert list((tmp_path / "shards" / "demo").glob(".*.tmp")) == []
+    assert list(folder.glob(".*.tmp")) == []
     assert catalog(tmp_path, f"SELECT status FROM runs WHERE run_date = DATE '{RUN_DATE}'"
                    ) == [("crashed",)]
     assert in_process(tmp_path, demo)["status"] == "up_to_date"
     runs = catalog(tmp_path, "SELECT run_id, CAST(run_date AS VARCHAR), status, rows_published "
                              "FROM runs ORDER BY started_at")
-    shards = catalog(tmp_path, "SELECT status, count(*) FROM shards GROUP BY ALL ORDER BY 1")
+    shards = catalog(tmp_path, "SELECT run_id, shard_key, status FROM shards")
     logger.info("runs (id, date, status, rows): %s; shards: %s", runs, shards)
     assert [r[1:] for r in runs] == [(str(RUN_DATE), "crashed", None),
                                      (str(NEXT_DATE), "published", 12),
                                      (str(RUN_DATE), "up_to_date", 0)]
-    assert shards == [("generated", 2), ("reused", 1)]
-    assert catalog(tmp_path, "SELECT generated_run_id, count(*) FROM published GROUP BY ALL "
-                             "ORDER BY 2") == [(runs[0][0], 4), (runs[1][0], 8)]
+    dead, taker = runs[0][0], runs[1][0]
+    assert {key: (run, status) for run, key, status in shards} == {
+        **{key: (taker, "reused") for key in finished},
+        **{key: (taker, "generated") for key in unrenamed}} and len(shards) == 3
+    by_generator = dict(catalog(tmp_path, "SELECT generated_run_id, count(*) FROM published "
+                                          "GROUP BY ALL"))
+    expected = {dead: 4 * len(finished), taker: 4 * len(unrenamed)}
+    assert by_generator == {run: rows for run, rows in expected.items() if rows}
     assert catalog(tmp_path, "SELECT count(*), count(DISTINCT prompt_id) FROM published"
                    ) == [(12, 12)]
 
@@ -167,8 +205,10 @@ def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(harness, 
         with pytest.raises(RunLocked, match="another run of demo for 2026-02-01 is in progress"):
             in_process(tmp_path, demo)
         waiting = FlowProcess(tmp_path, harness, demo, lock_wait=300)
-        with pytest.raises(subprocess.TimeoutExpired):
-            waiting.process.wait(timeout=20)
+        with killed_on_failure(waiting):
+            wait_until_trying_the_lock(waiting, lock_path(tmp_path.resolve(), "demo", RUN_DATE))
+            with pytest.raises(subprocess.TimeoutExpired):   # refused after 1 s without the wait
+                waiting.process.wait(timeout=20)
     code, output = waiting.finish()
     assert code == 0, output[-3000:]
     assert in_process(tmp_path, demo)["shards_reused"] == 3
@@ -179,11 +219,31 @@ def test_a_second_run_of_the_same_dataset_and_date_is_refused_or_waits(harness, 
                 pass
 
 
+def wait_until_trying_the_lock(flow: FlowProcess, lock: Path, timeout: float = 300) -> None:
+    """Until the flow process has the lock file open (it then tries the lock every 0.2 s):
+    its start-up takes anything from seconds to minutes on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not opened_by(flow.process.pid, lock):
+        assert flow.process.poll() is None, flow.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the flow did not reach the lock in {timeout} s"
+        time.sleep(0.5)
+
+
+def opened_by(pid: int, path: Path) -> bool:
+    descriptors = Path(f"/proc/{pid}/fd")
+    try:
+        links = [os.readlink(descriptor) for descriptor in descriptors.iterdir()]
+    except FileNotFoundError:       # a descriptor closed while listed: look again
+        return False
+    return str(path) in links
+
+
 def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tmp_path):
     """Two runs of different dates at once share shards/, GX and the catalog. An earlier date
     introduced 8 prompts and 4 are added; then both dates run together: each draws its fresh
     samples (samples_per_run: 1) and only one of them may take the 4 new prompts' first
-    samples."""
+    samples. Each run stops at its first shard write until both have got there, so they
+    overlap however slowly either starts."""
     for limit, per_run, folder in ((8, 0, "before"), (12, 1, "after")):
         (tmp_path / folder).mkdir()
         write_config(tmp_path / folder, "nightly", **{
@@ -194,7 +254,13 @@ def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tm
     distill(dataset=str(tmp_path / "before" / "nightly.yaml"), run_date=date.fromisoformat(days[0]),
             shard_size=4, data_dir=str(data_dir))
     runs = [FlowProcess(data_dir, harness, str(tmp_path / "after" / "nightly.yaml"),
-                        run_date=date.fromisoformat(day)) for day in days[1:]]
+                        run_date=date.fromisoformat(day), crash_at="shard-write:1:machine")
+            for day in days[1:]]
+    with killed_on_failure(*runs):
+        for run in runs:
+            wait_until_stopped(run)
+        for run in runs:
+            os.killpg(run.process.pid, signal.SIGCONT)
     for code, output in [run.finish() for run in runs]:
         assert code == 0, output[-3000:]
     (overlap,), = catalog(data_dir, "SELECT epoch(min(finished_at) - max(started_at)) FROM runs "
@@ -218,6 +284,20 @@ def test_two_dates_of_one_dataset_at_once_lose_and_duplicate_nothing(harness, tm
     validations = catalog(data_dir, "SELECT success, result_path FROM validations")
     assert len(validations) >= 6 and all(success for success, _ in validations)
     assert all(json.loads(Path(path).read_text())["success"] for _, path in validations)
+
+
+def wait_until_stopped(flow: FlowProcess, timeout: float = 600) -> None:
+    """Until the flow process is stopped (SIGSTOP at a `:machine` crash point)."""
+    deadline = time.monotonic() + timeout
+    while process_state(flow.process.pid) != "T":
+        assert flow.process.poll() is None, flow.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the flow did not stop in {timeout} s"
+        time.sleep(0.5)
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped)…: the field after the command name in /proc/<pid>/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 def write_config(tmp_path: Path, name: str, **replacements: str) -> Path:
@@ -337,7 +417,7 @@ def shard_attempts(flow_run_id: str) -> list[int]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300
     with get_client(sync_client=True) as client:
         while True:
             runs = [task_run for task_run in client.read_task_runs(
