@@ -15,10 +15,11 @@ from prefect.states import Cancelled, State
 
 from tasks.config import DatasetConfig
 from tasks.engines import ENGINES
-from tasks.fan_out import read_work_order
+from tasks.fan_out import RunId, read_work_order
 from tasks.generation import generate_shard, resolve_models
 from tasks.layout import DataDir
 from tasks.lineage import Generation, describe_generation
+from tasks.planning import ShardKey
 
 
 class ShardsFailed(RuntimeError):
@@ -47,9 +48,11 @@ def check_same_generation(config: DatasetConfig, expected: Generation) -> Genera
 
 
 @flow(name="generate-shards")
-def generate_shards(data_dir: str, run_id: str, shard_keys: list[str]) -> int | State:
+def generate_shards(data_dir: str, run_id: RunId, shard_keys: list[ShardKey]) -> int | State:
     """Generate the shards `shard_keys` of run `run_id` one after another; the engine pair is
     built for the first and kept for the rest. Returns how many were generated or reused.
+    `run_id` and `shard_keys` name files under `data_dir`: Prefect refuses a run whose values
+    do not have their formats (RunId, ShardKey), naming the parameter.
 
     A share that starts after its run ended (the run removes its work order when it ends, and
     may leave queued shares behind) has nothing to do: Cancelled, saying so. A run killed

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 from prefect import unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -42,20 +42,26 @@ from prefect.client.schemas.objects import FlowRun, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled
 from prefect.futures import as_completed
-from pydantic import TypeAdapter
+from pydantic import StringConstraints, TypeAdapter
 
 from tasks.atomic_files import write_text_atomically
 from tasks.config import DatasetConfig
 from tasks.generation import ShardOutcome, generate_shard
 from tasks.layout import DataDir
 from tasks.lineage import Generation
-from tasks.planning import Shard
+from tasks.planning import Shard, ShardKey
 
 logger = logging.getLogger(__name__)
 
 MAX_ROUNDS = 2
 POLL_SECONDS = 2.0
 OFFLINE_GRACE_SECONDS = 300.0
+
+RunId = Annotated[str, StringConstraints(
+    pattern=r"^[a-z0-9_]+-[0-9]{4}-[0-9]{2}-[0-9]{2}-[a-z0-9]{1,8}$")]
+"""A run id as tasks/ledger.RunLedger makes it: the dataset's name, the run date and the
+first 8 characters of the flow run's id ("local" outside Prefect). It names the run's work
+order, so one from outside (a child flow run's parameters) is held to it."""
 
 
 class ShardNotGenerated(RuntimeError):
@@ -72,10 +78,10 @@ class WorkOrder:
 
     config: DatasetConfig
     generation: Generation
-    run_id: str
+    run_id: RunId
     shards: tuple[Shard, ...]
 
-    def select(self, keys: list[str]) -> list[Shard]:
+    def select(self, keys: list[ShardKey]) -> list[Shard]:
         by_key = {shard.key: shard for shard in self.shards}
         missing = [key for key in keys if key not in by_key]
         if missing:
@@ -92,7 +98,9 @@ def write_work_order(order: WorkOrder, data: DataDir) -> Path:
     return path
 
 
-def read_work_order(data: DataDir, run_id: str) -> WorkOrder:
+def read_work_order(data: DataDir, run_id: RunId) -> WorkOrder:
+    """The work order of `run_id`, refused (naming the field) unless every shard key, the
+    run id and the config have their formats: its keys become file names."""
     return _WORK_ORDER.validate_json(data.work_order(run_id).read_bytes())
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Annotated
 
 from prefect import task
+from pydantic import StringConstraints
 
 from tasks.config import DatasetConfig
 from tasks.ledger import RunLedger
@@ -29,12 +31,17 @@ from tasks.staging import StagedPrompt
 logger = logging.getLogger(__name__)
 
 FIRST_ROUND = "first"
+KEY_HEX_DIGITS = 20
+
+ShardKey = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{KEY_HEX_DIGITS}}}$")]
+"""A shard's key as `split_into_shards` makes it. It names the shard's file, so a key read
+from outside (a work order on the shared mount, a child flow run's parameters) is held to it."""
 
 
 @dataclass(frozen=True)
 class Shard:
     index: int
-    key: str
+    key: ShardKey
     sample_round: str         # FIRST_ROUND, or the run date (ISO) of a samples_per_run round
     samples: int              # samples per prompt
     prompts: tuple[StagedPrompt, ...]
@@ -50,8 +57,8 @@ def split_into_shards(prompts: list[StagedPrompt], generation: str, sample_round
         digest = hashlib.sha256(f"{generation}:{sample_round}:{samples}".encode())
         for prompt in chunk:
             digest.update(f"|{prompt.prompt_id}:{prompt.content_hash}".encode())
-        shards.append(Shard(first_index + offset, digest.hexdigest()[:20], sample_round,
-                            samples, chunk))
+        shards.append(Shard(first_index + offset, digest.hexdigest()[:KEY_HEX_DIGITS],
+                            sample_round, samples, chunk))
     return shards
 
 
