@@ -1,6 +1,6 @@
 """The README's first command: run the demo dataset end to end, then query the result with SQL.
 
-No Prefect server is needed (ephemeral mode). The screen shows what the demo did and the
+No Prefect server is needed (ephemeral mode, unless PREFECT_API_URL names one). The screen shows what the demo did and the
 SQL answer; everything else (Prefect's temporary server, vLLM, Great Expectations' progress
 bars) goes to a log file whose path the demo prints, so nothing that is not the user's to act
 on fills the first screen.
@@ -49,9 +49,18 @@ def main() -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.info("Running the demo dataset: 12 GSM8K problems, the tiny trained model pair, "
-                "Prefect in ephemeral mode (a minute or two on 2 cores).")
+                "%s (a minute or two on 2 cores).", prefect_mode())
     logger.info("Full log: %s", log_path)
     return run_demo(terminal)
+
+
+def prefect_mode() -> str:
+    """Where this run's flow and task runs are recorded: the configured API, or a temporary
+    server Prefect starts for this process alone."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return f"Prefect API at {url}" if url else "Prefect in ephemeral mode (no server needed)"
 
 
 def example_row(partition: str | None) -> str:

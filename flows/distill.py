@@ -27,8 +27,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from sampler.errors import ConfigError, IncompatibleModelsError
 from tasks.atomic_files import remove_stale_temporaries
 from tasks.config import REPO_ROOT, DatasetConfig, load_dataset_config
-from tasks.fan_out import generate_in_process, generate_on_workers
-from tasks.generation import check_models, resolve_models
+from tasks.fan_out import generate_on_workers
+from tasks.generation import check_models, generate_in_process, resolve_models
 from tasks.layout import DataDir
 from tasks.ledger import RunLedger, record_refused_run
 from tasks.lineage import describe_generation

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from tasks.training_columns import CONVERSATION_COLUMNS, TOKEN_COLUMNS
+from tasks.training_columns import CONVERSATION_COLUMNS, TOKEN_COLUMNS, token_values
 
 CARD_KEY = b"distill.card"
 GENERATION_KEY = b"distill.generation"
@@ -110,7 +110,7 @@ def header(parts: list[CardPart], columns: list[str], data_files: list[str], row
 
 def alpha_histogram(table: pa.Table, low: float, high: float) -> list[str]:
     """Markdown lines: every token's α in `HISTOGRAM_BINS` bins over [low, high]."""
-    alphas = pc.list_flatten(table["alpha"]).to_numpy(zero_copy_only=False).astype(np.float64)
+    alphas = token_values(table["alpha"])
     if alphas.size == 0:
         return ["No tokens."]
     if high <= low:

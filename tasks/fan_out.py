@@ -1,9 +1,7 @@
-"""Shards generated in this process, or fanned out over GPU workers of a Prefect work pool.
+"""A run's shards fanned out over GPU workers of a Prefect work pool (in this process instead:
+`tasks.generation.generate_in_process`).
 
-In this process (the default): the shards go through `generate_shard` on one engine pair,
-one at a time (tasks/engines.py).
-
-Over GPU workers (`fan_out` names the deployment of flows/shard_worker.py): every GPU has one
+`fan_out` names the deployment of flows/shard_worker.py; every GPU has one
 Prefect worker pinned to it (`CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool <pool>
 --limit 1`), so a GPU runs one child flow run, hence one engine pair, at a time, whatever
 runs are queued. The parent:
@@ -35,18 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
-from prefect import unmapped
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled
-from prefect.futures import as_completed
 from pydantic import StringConstraints, TypeAdapter
 
 from tasks.atomic_files import write_text_atomically
 from tasks.config import DatasetConfig
-from tasks.generation import ShardOutcome, generate_shard
+from tasks.generation import Outcome, ShardOutcome, progress_bar
 from tasks.layout import DataDir
 from tasks.lineage import Generation
 from tasks.planning import Shard, ShardKey
@@ -104,26 +99,6 @@ def read_work_order(data: DataDir, run_id: RunId) -> WorkOrder:
     return _WORK_ORDER.validate_json(data.work_order(run_id).read_bytes())
 
 
-Outcome = ShardOutcome | BaseException
-
-
-def generate_in_process(shards: list[Shard], config: DatasetConfig, generation: Generation,
-                        run_id: str, data: DataDir) -> list[Outcome]:
-    """Every shard through this process's engine pair; outcomes in shard order."""
-    futures = generate_shard.map(shards, config=unmapped(config), generation=unmapped(generation),
-                                 run_id=unmapped(run_id), data=unmapped(data))
-    progress = _progress_bar(run_id)
-    for done, _ in enumerate(as_completed(futures), start=1):
-        progress(done, len(futures))
-    outcomes: list[Outcome] = []
-    for future in futures:
-        try:
-            outcomes.append(future.result())
-        except Exception as error:  # noqa: BLE001 - reported per shard, the others go on
-            outcomes.append(error)
-    return outcomes
-
-
 def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: Generation,
                         run_id: str, data: DataDir, deployment: str, workers: int | None
                         ) -> list[Outcome]:
@@ -137,7 +112,7 @@ def generate_on_workers(shards: list[Shard], config: DatasetConfig, generation: 
         raise NoWorkers(f"fan_out {deployment}: no worker is online in work pool {pool}; start "
                         f"one per GPU (deployments/start-gpu-workers.sh)")
     order = write_work_order(WorkOrder(config, generation, run_id, tuple(shards)), data)
-    progress = _progress_bar(run_id)
+    progress = progress_bar(run_id)
     errors: dict[str, str] = {}
     pending = [shard for shard in shards if shard.key not in reused]
     try:
@@ -241,16 +216,3 @@ def _record_unwritten(children: list[Child], paths: dict[str, Path], errors: dic
             if run.state.is_crashed():
                 crashed.add(key)
     return crashed
-
-
-def _progress_bar(run_id: str) -> Callable[[int, int], None]:
-    """A progress artifact that fills as shards are done."""
-    artifact = create_progress_artifact(0.0, description=f"Shards of {run_id} generated")
-    shown = [0.0]
-
-    def update(done: int, total: int) -> None:
-        percent = 100.0 * done / max(total, 1)
-        if percent != shown[0]:
-            update_progress_artifact(artifact, percent)
-            shown[0] = percent
-    return update

@@ -1,10 +1,11 @@
 """Shards of prompts, generated with the mixing sampler (rows: tasks/shard_rows.py) and
-written atomically as Parquet.
+written atomically as Parquet, here in this process's engine pair (over GPU workers:
+tasks/fan_out.py).
 
 A shard's key (see tasks/planning.py) hashes everything that changes its samples, so a rerun
 finds a finished shard by name and skips it; a crashed write leaves only a temporary file.
 Every row carries its lineage: the generation, the run that generated it, the code version
-and each checkpoint's path and fingerprint.
+and each checkpoint's name and fingerprint.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, UTC
 from pathlib import Path
 
-from prefect import task
+from prefect import task, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.states import State
 
 from tasks.config import TINY_PREFIX, DatasetConfig
@@ -85,3 +89,36 @@ def generate_shard(shard: Shard, config: DatasetConfig, generation: Generation, 
     write_atomically(table, path, "shard-write")
     logger.info("shard %d (%s): %d rows written", shard.index, shard.key, table.num_rows)
     return ShardOutcome(shard, str(path), reused=False)
+
+
+Outcome = ShardOutcome | BaseException
+
+
+def generate_in_process(shards: list[Shard], config: DatasetConfig, generation: Generation,
+                        run_id: str, data: DataDir) -> list[Outcome]:
+    """Every shard through this process's engine pair; outcomes in shard order."""
+    futures = generate_shard.map(shards, config=unmapped(config), generation=unmapped(generation),
+                                 run_id=unmapped(run_id), data=unmapped(data))
+    progress = progress_bar(run_id)
+    for done, _ in enumerate(as_completed(futures), start=1):
+        progress(done, len(futures))
+    outcomes: list[Outcome] = []
+    for future in futures:
+        try:
+            outcomes.append(future.result())
+        except Exception as error:  # noqa: BLE001 - reported per shard, the others go on
+            outcomes.append(error)
+    return outcomes
+
+
+def progress_bar(run_id: str) -> Callable[[int, int], None]:
+    """A progress artifact that fills as shards are done."""
+    artifact = create_progress_artifact(0.0, description=f"Shards of {run_id} generated")
+    shown = [0.0]
+
+    def update(done: int, total: int) -> None:
+        percent = 100.0 * done / max(total, 1)
+        if percent != shown[0]:
+            update_progress_artifact(artifact, percent)
+            shown[0] = percent
+    return update

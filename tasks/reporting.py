@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -15,6 +14,7 @@ from tasks.ledger import RunLedger
 from tasks.planning import FIRST_ROUND
 from tasks.publishing import Publication
 from tasks.settling import SettledShard
+from tasks.training_columns import token_values
 
 
 @dataclass
@@ -42,7 +42,7 @@ def alpha_stats(table: pa.Table | None) -> dict | None:
     """Mean, spread and range of every generated token's α."""
     if table is None or not table.num_rows:
         return None
-    every = pc.list_flatten(table["alpha"]).to_numpy(zero_copy_only=False).astype(float)
+    every = token_values(table["alpha"])
     return {"mean": float(every.mean()), "std": float(every.std()), "min": float(every.min()),
             "max": float(every.max()), "count": int(every.size)}
 
@@ -77,7 +77,7 @@ def alpha_histogram(table: pa.Table, dataset: str, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = pc.list_flatten(table["alpha"]).to_numpy(zero_copy_only=False).astype(float)
+    alphas = token_values(table["alpha"])
     if alphas.size == 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,15 +31,46 @@ TOKEN_COLUMNS = ("input_ids", "labels")
 CONVERSATION_COLUMNS = ("prompt", "completion")
 
 
+def token_values(column: pa.ChunkedArray | pa.ListArray) -> np.ndarray:
+    """Every token's value of a per-token column (α, log q, ...), all rows in order, float64."""
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
 def sequence_log_weights(log_theta: pa.ChunkedArray, log_q: pa.ChunkedArray) -> np.ndarray:
     """Per row, Σ over its tokens of log θ(y) − log q(y): the log of θ(y)/q(y) for the whole
     sequence, in float64."""
-    theta, q = log_theta.combine_chunks(), log_q.combine_chunks()
-    rows = len(theta)
+    theta = log_theta.combine_chunks()
     parents = pc.list_parent_indices(theta).to_numpy(zero_copy_only=False)
-    differences = (pc.list_flatten(theta).to_numpy(zero_copy_only=False).astype(np.float64)
-                   - pc.list_flatten(q).to_numpy(zero_copy_only=False).astype(np.float64))
-    return np.bincount(parents, weights=differences, minlength=rows)
+    return np.bincount(parents, weights=token_values(theta) - token_values(log_q),
+                       minlength=len(theta))
+
+
+def _flat(lists: pa.ChunkedArray | pa.ListArray) -> tuple[pa.ListArray, np.ndarray, np.ndarray]:
+    """One list array, each value's row, and each value's place within its row."""
+    array = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    starts = array.offsets.to_numpy()[:-1] - array.offsets[0].as_py()
+    return array, parents, np.arange(len(parents)) - starts[parents]
+
+
+def prompt_and_generated(prompt_ids: pa.ChunkedArray, generated_ids: pa.ChunkedArray
+                         ) -> tuple[pa.ListArray, pa.ListArray]:
+    """`input_ids` (prompt then generated ids, per row) and `labels` (the same with the
+    prompt's places `IGNORE_INDEX`), built with Arrow's list layout rather than per row."""
+    prompt, prompt_rows, prompt_places = _flat(prompt_ids)
+    generated, generated_rows, generated_places = _flat(generated_ids)
+    prompt_lengths = pc.list_value_length(prompt).to_numpy(zero_copy_only=False)
+    lengths = prompt_lengths + pc.list_value_length(generated).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    at_prompt = offsets[prompt_rows] + prompt_places
+    at_generated = offsets[generated_rows] + prompt_lengths[generated_rows] + generated_places
+    ids = np.empty(offsets[-1], dtype=np.int32)
+    ids[at_prompt] = pc.list_flatten(prompt).to_numpy(zero_copy_only=False)
+    ids[at_generated] = pc.list_flatten(generated).to_numpy(zero_copy_only=False)
+    labels = ids.copy()
+    labels[at_prompt] = IGNORE_INDEX
+    return (pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)))
 
 
 def conversation(system_prompt: str | None, user: str, assistant: str | None = None
@@ -57,14 +88,13 @@ def add_training_columns(table: pa.Table, theta_system: str | None) -> pa.Table:
     """`TRAINING_SCHEMA`'s columns first, then the generated ones."""
     users = table["theta_prompt"].to_pylist()
     answers = table["completion_text"].to_pylist()
-    prompt_ids = table["theta_prompt_ids"].to_pylist()
-    generated_ids = table["token_ids"].to_pylist()
+    input_ids, labels = prompt_and_generated(table["theta_prompt_ids"], table["token_ids"])
     columns = {
         "messages": [conversation(theta_system, u, a) for u, a in zip(users, answers)],
         "prompt": [conversation(theta_system, u) for u in users],
         "completion": [[{"role": "assistant", "content": a}] for a in answers],
-        "input_ids": [p + g for p, g in zip(prompt_ids, generated_ids)],
-        "labels": [[IGNORE_INDEX] * len(p) + g for p, g in zip(prompt_ids, generated_ids)],
+        "input_ids": input_ids,
+        "labels": labels,
         "log_importance_weight": sequence_log_weights(table["log_theta"], table["log_q"]),
         "truncated": pc.equal(table["finish_reason"], "length"),
     }
