@@ -157,6 +157,40 @@ def split_memory_utilization(fraction: float, total_bytes: int, teacher: MemoryF
     return MemorySplit(teacher_share, fraction - teacher_share)
 
 
+def engine_memory_shares(fraction: float, total_bytes: int, teacher: MemoryFootprint,
+                         theta: MemoryFootprint, teacher_own: float | None = None,
+                         theta_own: float | None = None) -> MemorySplit:
+    """Each engine's share: one given in its own engine arguments is that engine's, and the
+    other engine gets the rest of the pair's `fraction`; with none given,
+    `split_memory_utilization` divides `fraction`; with both, `fraction` is not used."""
+    for role, own in (("teacher", teacher_own), ("theta", theta_own)):
+        if own is not None and not 0.0 < own <= 1.0:
+            raise ConfigError(f"{role}_engine_args.gpu_memory_utilization: {own} is outside "
+                              "(0, 1]")
+    if teacher_own is not None and theta_own is not None:
+        return MemorySplit(teacher_own, theta_own)
+    if teacher_own is None and theta_own is None:
+        return split_memory_utilization(fraction, total_bytes, teacher, theta)
+    role, own = ("teacher", teacher_own) if teacher_own is not None else ("theta", theta_own)
+    rest = fraction - own
+    if rest <= 0:
+        other = "theta" if role == "teacher" else "teacher"
+        raise ConfigError(f"{role}_engine_args.gpu_memory_utilization: {own} leaves nothing "
+                          f"of the pair's gpu_memory_utilization {fraction} for the {other}")
+    return MemorySplit(own, rest) if role == "teacher" else MemorySplit(rest, own)
+
+
+def engine_footprint(config: Any, engine_args: Mapping[str, Any]) -> MemoryFootprint:
+    """What the engine holds on each of its devices: its model's footprint in its dtype
+    (one byte a weight with `quantization="fp8"`), divided among its tensor-parallel ranks
+    (theta shares the first one's device)."""
+    footprint = model_footprint(config, engine_args.get("dtype", "auto"),
+                                engine_args.get("kv_cache_dtype", "auto"),
+                                engine_args.get("quantization"))
+    ranks = int(engine_args.get("tensor_parallel_size") or 1)
+    return MemoryFootprint(footprint.weight_bytes // ranks, footprint.kv_bytes_per_token // ranks)
+
+
 def _dtype_bytes(dtype: Any) -> int:
     """Bytes per value of a vLLM dtype setting ("auto" loads 16-bit weights)."""
     name = str(dtype).removeprefix("torch.")
@@ -165,10 +199,11 @@ def _dtype_bytes(dtype: Any) -> int:
     return 4 if name in ("float32", "float") else 2
 
 
-def model_footprint(config: Any, dtype: Any = "auto",
-                    kv_cache_dtype: Any = "auto") -> MemoryFootprint:
-    """Weights (parameters counted on the meta device: no memory, no download) and KV bytes
-    per token (keys and values of every layer) of a checkpoint's config."""
+def model_footprint(config: Any, dtype: Any = "auto", kv_cache_dtype: Any = "auto",
+                    quantization: str | None = None) -> MemoryFootprint:
+    """Weights (parameters counted on the meta device: no memory, no download; one byte
+    each quantized to fp8) and KV bytes per token (keys and values of every layer) of a
+    checkpoint's config."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -181,7 +216,7 @@ def model_footprint(config: Any, dtype: Any = "auto",
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     kv_bytes = _dtype_bytes(dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
     return MemoryFootprint(
-        weight_bytes=parameters * _dtype_bytes(dtype),
+        weight_bytes=parameters * (1 if quantization == "fp8" else _dtype_bytes(dtype)),
         kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim * kv_bytes)
 
 
@@ -209,9 +244,15 @@ class OptimalSamplingV1:
     engines by `split_memory_utilization` (weights, then equal token capacity). On the CPU
     build the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (GiB per engine) instead.
     Every other keyword argument goes to both vLLM engines as it is (`max_model_len`,
-    `max_num_seqs`, `dtype`, `enforce_eager`, ...); vLLM refuses one it does not know, with
-    its own TypeError naming it. The lockstep needs prefix caching and chunked prefill off,
-    so those two are overridden (with a warning).
+    `max_num_seqs`, `dtype`, `enforce_eager`, ...). `teacher_engine_args` and
+    `theta_engine_args` are vLLM settings of one engine alone, merged over those
+    (`tensor_parallel_size`, `quantization`, `dtype`, `max_model_len`, ...); a
+    `gpu_memory_utilization` there is that engine's own share, and the other engine gets the
+    rest of the pair's (`engine_memory_shares`). vLLM refuses a setting it does not know,
+    with its own TypeError naming it, after the engine's role ("theta engine: ...").
+    The lockstep needs prefix caching and chunked prefill off, so those two are overridden
+    (with a warning). `tensor_parallel_size` > 1 puts an engine on tensor-parallel workers
+    (`sampler.placement`); pipeline parallel is refused.
 
     `theta_process` runs the student's engine in its own process, so that the two engines'
     host work runs at once (`sampler.engine_process`): 0.75–0.77× plain vLLM for a 7B + 0.5B
@@ -232,6 +273,8 @@ class OptimalSamplingV1:
                  enable_chat_template: bool = True, track_alpha_stats: bool = True,
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
                  theta_process: bool | None = None, teacher_process: bool = False,
+                 teacher_engine_args: Mapping[str, Any] | None = None,
+                 theta_engine_args: Mapping[str, Any] | None = None,
                  **kwargs: Any):
         from transformers import AutoConfig
 
@@ -247,31 +290,38 @@ class OptimalSamplingV1:
         self.stop_token_ids = pair_stop_token_ids(self.teacher_tokenizer, self.theta_tokenizer,
                                                   self.model_teacher, self.model_theta,
                                                   self.vocab_size)
-        for name, needed in REQUIRED_ENGINE_ARGS.items():
-            if name in kwargs and kwargs[name] != needed:
-                logger.warning("%s=%r ignored: the lockstep needs %r", name, kwargs[name], needed)
+        own_args = {"teacher": dict(teacher_engine_args or {}),
+                     "theta": dict(theta_engine_args or {})}
+        merged = {role: {**kwargs, **own} for role, own in own_args.items()}
+        for role, args in merged.items():
+            for name, needed in REQUIRED_ENGINE_ARGS.items():
+                if name in args and args[name] != needed:
+                    logger.warning("%s engine: %s=%r ignored: the lockstep needs %r", role,
+                                   name, args[name], needed)
 
-        trust = bool(kwargs.get("trust_remote_code", False))
-        configs = [AutoConfig.from_pretrained(model, trust_remote_code=trust)
-                   for model in (self.model_teacher, self.model_theta)]
-        footprints = [model_footprint(config, kwargs.get("dtype", "auto"),
-                                      kwargs.get("kv_cache_dtype", "auto"))
-                      for config in configs]
-        self.memory_split = split_memory_utilization(gpu_memory_utilization,
-                                                     device_memory_bytes(), *footprints)
-        engine_args = []
-        for config, share in zip(configs, self.memory_split):
+        configs = {role: AutoConfig.from_pretrained(
+                       model, trust_remote_code=bool(merged[role].get("trust_remote_code")))
+                   for role, model in (("teacher", self.model_teacher),
+                                       ("theta", self.model_theta))}
+        footprints = [engine_footprint(configs[role], merged[role]) for role in merged]
+        self.memory_split = engine_memory_shares(
+            gpu_memory_utilization, device_memory_bytes(), *footprints,
+            *(own.get("gpu_memory_utilization") for own in own_args.values()))
+        #: Each engine's vLLM settings as built (for the dataset card and generation key).
+        self.engine_args: dict[str, dict[str, Any]] = {}
+        for (role, args), share in zip(merged.items(), self.memory_split):
             # Prefills are never chunked (the lockstep needs that), so vLLM wants a token
             # budget at least as large as the context.
-            context = kwargs.get("max_model_len") or getattr(
-                config.get_text_config(), "max_position_embeddings", 0)
-            engine_args.append({"max_num_batched_tokens": max(8192, context), **kwargs,
-                                "gpu_memory_utilization": share})
-        logger.info("gpu_memory_utilization %.3f split: teacher %.3f, theta %.3f",
+            context = args.get("max_model_len") or getattr(
+                configs[role].get_text_config(), "max_position_embeddings", 0)
+            self.engine_args[role] = {"max_num_batched_tokens": max(8192, context), **args,
+                                      "gpu_memory_utilization": share}
+        logger.info("gpu_memory_utilization %.3f: teacher %.3f, theta %.3f",
                     gpu_memory_utilization, *self.memory_split)
         self.pair: LockstepPair | None = LockstepPair.from_models(
             self.model_teacher, self.model_theta, self.vocab_size, self.stop_token_ids,
-            *engine_args, theta_process=theta_process, teacher_process=teacher_process)
+            self.engine_args["teacher"], self.engine_args["theta"],
+            theta_process=theta_process, teacher_process=teacher_process)
 
     @property
     def healthy(self) -> bool:

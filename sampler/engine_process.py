@@ -7,7 +7,7 @@ are Python: a thread cannot run them beside the other engine's, a process can. W
 alone in a worker (runs 8–10) the main process still did the teacher's host work and the
 lockstep's, one after the other; with both engines in workers it only mixes and checks.
 
-`RemoteEngine` stands in for `SteppedEngine` in the lockstep (CUDA, overlapped steps only).
+`RemoteEngine` is one placement of `sampler.placement.Engine` (CUDA, overlapped steps only).
 Each call sends a message and returns at once where it can; replies are read when the
 lockstep needs them, so an engine's host work of a step runs while the main process works
 on the other engine or the mixing. Logits and drawn tokens never leave the device: the
@@ -72,7 +72,7 @@ class _RemoteOutput:
 
 class RemoteEngine:
     """One engine (the teacher's or theta's: `role`), driven in a worker process through the
-    `SteppedEngine` calls the lockstep makes."""
+    `sampler.placement.Engine` calls the lockstep makes."""
 
     remote = True
 
@@ -83,7 +83,7 @@ class RemoteEngine:
         context = multiprocessing.get_context("spawn")
         self._connection, worker_end = context.Pipe()
         self._process = context.Process(target=_worker_main, name=f"{role}-engine",
-                                        args=(worker_end, model, engine_args, overlap_steps),
+                                        args=(worker_end, role, model, engine_args, overlap_steps),
                                         daemon=True)
         self._process.start()
         worker_end.close()
@@ -107,6 +107,9 @@ class RemoteEngine:
         if not self._connection.poll(START_TIMEOUT_S):
             raise LockstepError(f"the {self.role} engine process did not start in time")
         facts = self._reply("ready", timed=False)
+        if not facts["overlaps_steps"]:
+            raise LockstepError(f"a {self.role} engine process needs overlapped steps, and vLLM "
+                                "turned async scheduling off for its engine")
         for name, value in facts.items():
             setattr(self, name, value)
         self.device = torch.device(facts["device"])
@@ -254,20 +257,20 @@ class RemoteEngine:
                                 f"{what} where step {expected}'s was due")
 
 
-def _worker_main(connection: Any, model: str, engine_args: dict[str, Any],
+def _worker_main(connection: Any, role: str, model: str, engine_args: dict[str, Any],
                  overlap_steps: bool) -> None:
     """The worker: build the engine, then serve messages until `shutdown`."""
     try:
-        _serve(connection, model, engine_args, overlap_steps)
+        _serve(connection, role, model, engine_args, overlap_steps)
     except BaseException:  # noqa: BLE001 - the main process raises it
         connection.send(("error", traceback.format_exc()))
 
 
-def _serve(connection: Any, model: str, engine_args: dict[str, Any],
+def _serve(connection: Any, role: str, model: str, engine_args: dict[str, Any],
            overlap_steps: bool) -> None:
     from sampler.vllm_internals import SteppedEngine, build_llm
 
-    engine = SteppedEngine(build_llm(model, engine_args, overlap_steps))
+    engine = SteppedEngine(build_llm(role, model, engine_args, overlap_steps), role)
     connection.send(("ready", {
         "max_num_seqs": engine.max_num_seqs, "max_batched_tokens": engine.max_batched_tokens,
         "block_size": engine.block_size, "num_kv_blocks": engine.num_kv_blocks,
@@ -291,7 +294,7 @@ def _serve(connection: Any, model: str, engine_args: dict[str, Any],
             for request in requests:
                 engine.add_request(*request)
             plan = engine.schedule()
-            new, cached, preempted = SteppedEngine.describe_schedule(plan)
+            new, cached, preempted = engine.describe(plan)
             output = engine.execute(plan)
             rows, shared = [], None
             if output is None:

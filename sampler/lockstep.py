@@ -21,11 +21,15 @@ The halves are ordered to keep the device busy:
   then retire theta's half of step n−1 while the teacher's forward pass runs, and launch the
   rest of step n.
 
-With `theta_process` and `teacher_process` (CUDA, overlapped), an engine runs in a worker
-process (`sampler.engine_process`): the same calls, but its scheduling, input preparation
-and output bookkeeping run beside this process's work instead of after it. Such an engine is
-sent step n and then step n−1's update at the start of the launch half, so its bookkeeping
-runs while this process mixes; its update's reply is read in the retire half as before.
+Each engine sits where `sampler.placement` puts it (this process, its own process, or
+tensor-parallel workers) and is called the same way in the same order: at the start of the
+launch half both engines are asked for step n (`schedule` returns at once) and then sent
+step n−1's update (`begin_update`), before the teacher's forward pass. An engine in its own
+process (`theta_process`, `teacher_process`; CUDA, overlapped) thus sees schedule(n),
+update(n−1), force(n): its bookkeeping runs while this process mixes, and its update's
+reply is read in the retire half. An engine in this process schedules when its plan is
+first described or executed, so its order is as if it scheduled there. A tensor-parallel
+engine steps serially, so a pair with one runs serial steps.
 
 Each engine keeps its own KV cache and is never re-run over a prefix. Any disagreement raises
 `LockstepError` with the details; there is no fallback. A row the mixing cannot serve (its
@@ -54,7 +58,8 @@ from tqdm.auto import tqdm
 
 from sampler.errors import BrokenPairError, IncompatibleModelsError, LockstepError, MixingError
 from sampler.mixing import GraphedMixing, MixedDraw, MixingConfig, mix_and_draw
-from sampler.vllm_internals import SteppedEngine, StepResult, build_llm
+from sampler.placement import Engine, on_tensor_parallel_workers, place_engine
+from sampler.vllm_internals import StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +158,9 @@ class _Step:
 
     number: int
     teacher_plan: object
+    theta_plan: object
     admitted: dict[str, PairRequest]
     teacher_output: object = None
-    theta_plan: object = None
     theta_output: object = None
     has_logits: bool = False
     rows: tuple[str, ...] = ()
@@ -194,7 +199,7 @@ def _request_id(index: int) -> str:
 class LockstepPair:
     """Teacher and theta engines that generate the same token sequences together."""
 
-    def __init__(self, teacher: SteppedEngine, theta: SteppedEngine, vocab_size: int,
+    def __init__(self, teacher: Engine, theta: Engine, vocab_size: int,
                  stop_token_ids: list[int]):
         self.teacher = teacher
         self.theta = theta
@@ -206,9 +211,6 @@ class LockstepPair:
                 f"one engine schedules asynchronously and the other does not (teacher "
                 f"{teacher.overlaps_steps}, theta {theta.overlaps_steps})")
         self.overlapped = teacher.overlaps_steps
-        if (teacher.remote or theta.remote) and not self.overlapped:
-            raise LockstepError("an engine process needs overlapped steps, and vLLM turned "
-                                "async scheduling off for these engines")
         self.tokens_checked = 0
         self.steps_run = 0
         self.phase_seconds: dict[str, float] | None = None
@@ -224,9 +226,12 @@ class LockstepPair:
                     stop_token_ids: list[int], teacher_args: dict, theta_args: dict,
                     overlap_steps: bool = True, theta_process: bool | None = None,
                     teacher_process: bool = False) -> LockstepPair:
-        """Build both engines (teacher first); mix over `vocab_size` or both logit widths.
+        """Build both engines (teacher first), each with its own vLLM settings; mix over
+        `vocab_size` or both logit widths.
 
-        `overlap_steps` uses async scheduling where vLLM supports it (CUDA), else serial steps.
+        `overlap_steps` uses async scheduling where vLLM supports it (CUDA), else serial steps;
+        an engine on tensor-parallel workers (`tensor_parallel_size` > 1, or
+        `distributed_executor_backend="mp"`) steps serially, and then both do.
         `theta_process` and `teacher_process` run that engine in a worker process (CUDA with
         overlapped steps only), so that the engines' host work and this process's run at
         once (`sampler.engine_process`). None runs theta there wherever the teacher's engine
@@ -241,29 +246,23 @@ class LockstepPair:
                 "an engine pair built while a process started with spawn (an engine's) re-imports "
                 "the main script: build the sampler under "
                 "`if __name__ == \"__main__\":`")
+        on_workers = [on_tensor_parallel_workers(role, args)
+                      for role, args in (("teacher", teacher_args), ("theta", theta_args))]
+        if any(on_workers) and overlap_steps:
+            logger.info("an engine on tensor-parallel workers steps serially: so do both")
+            overlap_steps = False
         processes_possible = overlap_steps and torch.cuda.is_available()
         for role, wanted in (("teacher", teacher_process), ("theta", theta_process)):
             if wanted and not processes_possible:
                 raise LockstepError(f"a {role} engine process needs CUDA and overlapped steps")
-        logger.info("building teacher engine for %s%s", model_teacher,
-                    " in its own process" if teacher_process else "")
-        if teacher_process:
-            from sampler.engine_process import RemoteEngine
-
-            teacher = RemoteEngine("teacher", model_teacher, teacher_args, overlap_steps)
-        else:
-            teacher = SteppedEngine(build_llm(model_teacher, teacher_args, overlap_steps))
+        logger.info("building teacher engine for %s", model_teacher)
+        teacher = place_engine("teacher", model_teacher, teacher_args, teacher_process,
+                               overlap_steps)
         if theta_process is None:
             theta_process = teacher.overlaps_steps and teacher.device.type == "cuda"
-        logger.info("building theta engine for %s%s", model_theta,
-                    " in its own process" if theta_process else "")
+        logger.info("building theta engine for %s", model_theta)
         try:
-            if theta_process:
-                from sampler.engine_process import RemoteEngine
-
-                theta = RemoteEngine("theta", model_theta, theta_args, overlap_steps)
-            else:
-                theta = SteppedEngine(build_llm(model_theta, theta_args, overlap_steps))
+            theta = place_engine("theta", model_theta, theta_args, theta_process, overlap_steps)
         except BaseException:
             teacher.shutdown()
             raise
@@ -300,7 +299,7 @@ class LockstepPair:
             torch.cuda.synchronize(device)
         self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def blocks_needed(self, engine: SteppedEngine, prompt_length: int, max_tokens: int) -> int:
+    def blocks_needed(self, engine: Engine, prompt_length: int, max_tokens: int) -> int:
         return math.ceil((prompt_length + max_tokens) / engine.block_size)
 
     def capacity_error(self, request: PairRequest) -> str | None:
@@ -371,19 +370,18 @@ class LockstepPair:
         return step
 
     def _begin_updates(self, step: _Step) -> None:
-        """Send an engine process the step's update (the engine in this process does it when
-        it is retired)."""
+        """Send the engines the step's update (an engine process starts it now; an engine
+        in this process does it when it is retired)."""
         self.teacher.begin_update(step.teacher_plan, step.teacher_output)
         self.theta.begin_update(step.theta_plan, step.theta_output)
 
     def _launch_teacher(self, run: _Run, retiring: _Step | None = None) -> _Step:
-        """Admit what fits, schedule the step in both engines (an engine process is only sent
-        it), send an engine process the update of `retiring`, and launch the teacher's
-        forward pass."""
+        """Admit what fits, ask both engines for the step (each plan comes back at once),
+        send them the update of `retiring`, and launch the teacher's forward pass."""
         device = self.teacher.device
         with self._phase("teacher_host"):
             admitted = self._admit(run)
-            theta_plan = self.theta.schedule() if self.theta.remote else None
+            theta_plan = self.theta.schedule()
             step = _Step(number=run.steps, teacher_plan=self.teacher.schedule(),
                          admitted=admitted, theta_plan=theta_plan)
             if retiring is not None:
@@ -398,8 +396,6 @@ class LockstepPair:
     def _launch_theta(self, step: _Step, config: MixingConfig, seed: int) -> None:
         """Schedule theta, check it matches the teacher, launch its forward pass, mix and force."""
         with self._phase("theta_host"):
-            if step.theta_plan is None:
-                step.theta_plan = self.theta.schedule()
             self._check_schedules(step.teacher_plan, step.theta_plan, step.admitted)
         with self._phase("theta_forward", self.theta.device):
             step.theta_output = self.theta.execute(step.theta_plan)
