@@ -17,6 +17,16 @@ One row is one sequence at one decode step. Per row, in this order:
 7. record: α, log q(y), log t(y) and log θ(y) of the drawn token (tempered distributions,
    i.e. those q was built from).
 
+Where the models agree. For infinitesimally different distributions both sides of the
+`kl_symmetry` and `ess_balance` equations are quadratic in the difference and balance at
+α = 0.5, and `entropy`'s H_θ/(H_θ + H_t) is 0.5; so α → 0.5 as the models become identical,
+and a row whose equation has no resolvable sign at either end of the range (identical
+models, or models that agree to float64 rounding) gets that limit: 0.5 clamped to
+[alpha_min, alpha_max], on both paths (`fixed` returns `fixed_alpha`, clamped). The
+equations are evaluated in float64 from the logits' difference with the common part
+cancelled (`LogRatio`), so α keeps its precision down to Var_q(log t − log θ) ~ 1e-12 and
+does not depend on the host's SIMD reduction order.
+
 A row the mixing cannot serve (the models share no token, or a logit is NaN) gets α or
 log q(y) NaN, never a silent value; `unmixable_rows` finds them and the lockstep raises
 `MixingError` naming the row.
@@ -56,9 +66,13 @@ ALPHA_METHODS = ("fixed", "kl_symmetry", "ess_balance", "entropy")
 #: Row counts of the captured mixing graphs round up to a multiple of this.
 GRAPH_ROW_BUCKET = 16
 NEWTON_STEPS_BEFORE_CHECK = 4
-#: A gap smaller than this many float32 epsilons times the magnitude of the terms it is
-#: summed from is rounding noise: its sign says nothing, so the row has converged.
-ROUNDING_SLACK = 8 * torch.finfo(torch.float32).eps
+#: A gap smaller than this many float64 epsilons times the magnitude of the terms it is
+#: computed from is rounding noise: its sign says nothing, so the row has converged.
+ROUNDING_SLACK = 16 * torch.finfo(torch.float64).eps
+#: While the centred log-ratio h stays within ±SMALL_RATIO, K(s) is summed as expm1 terms.
+SMALL_RATIO = 1.0
+#: α where the two models agree, for every solved method and `entropy` (module docstring).
+IDENTICAL_MODELS_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
@@ -128,59 +142,130 @@ def tempered_log_probs(logits: torch.Tensor, vocab_size: int, temperature: float
 
 
 @dataclass
-class CommonSupport:
-    """Both models' log-probs restricted to the tokens both allow.
+class _Tilt:
+    """Per entry, for p_s ∝ θ·e^{s·h}: the cumulant K(s) = log E_θ[e^{s·h}], E_{p_s}[h],
+    Var_{p_s}[h], and bounds on the float64 rounding of K(s) and of E_{p_s}[h]."""
 
-    `log_theta` is −inf outside the support and `log_ratio` (log t − log θ) is 0 there, so
-    that sums over the vocabulary are sums over the support with no inf − inf; `magnitude`
-    (|log t| + |log θ| inside, 0 outside) bounds the float32 rounding of those sums.
+    cumulant: torch.Tensor
+    cumulant_noise: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    mean_noise: torch.Tensor
+
+
+@dataclass
+class LogRatio:
+    """Both models on the tokens both allow, in the form that keeps α's equations exact
+    where the models nearly agree (float64, per row and per token).
+
+    f = log t − log θ is written h − r: h = (z_t − z_θ)/T − m, the difference of the
+    tempered logits centred on its value m at θ's mode, and r = K(1) − κ, K(s) = log E_θ[e^{s·h}]
+    (θ renormalised on the support; κ = log t(S) − log θ(S), the log of each model's mass on
+    the support S, 0 where they allow the same tokens).
+    So f carries rounding relative to its own size. The difference of two log-softmaxes
+    carries ε·|log p| instead, which swamps the gaps Δ(α) ≈ Var_q(f)·(α − α*) once Var_q(f) ≲
+    1e-6 in float32: the sign of Δ then came from rounding (and from the host's SIMD
+    reduction order), and α from an end of the clamp. K(s) is log1p of a sum of expm1 terms
+    while |h| ≤ SMALL_RATIO (exact relative to the size of h), a logsumexp beyond (where
+    e^{s·h} could overflow and the gaps are large). Float64 per token because float32 weights
+    e^{ℓ+s·h} carry ε₃₂ relative rounding, which moves α by ε₃₂/√Var: 0.1 at Var = 1e-12.
+
+    `base` is log θ less its value at the mode (−inf outside the support), `ratio` h (0
+    outside); a row without common support or with a NaN logit is `unsolvable`.
     """
 
-    log_theta: torch.Tensor
-    log_ratio: torch.Tensor
-    magnitude: torch.Tensor
+    base: torch.Tensor
+    ratio: torch.Tensor
+    base_mass: torch.Tensor
+    small: torch.Tensor
+    unsolvable: torch.Tensor
+    shift: torch.Tensor | None = None
+    shift_noise: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, log_teacher: torch.Tensor, log_theta: torch.Tensor) -> CommonSupport:
-        inside = (log_teacher > float("-inf")) & (log_theta > float("-inf"))
-        return cls(log_theta=log_theta.masked_fill(~inside, float("-inf")),
-                   log_ratio=torch.where(inside, log_teacher - log_theta, 0.0),
-                   magnitude=torch.where(inside, log_teacher.abs() + log_theta.abs(), 0.0))
+    def of(cls, teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,
+           temperature: float) -> LogRatio:
+        teacher = teacher_logits[:, :vocab_size].double() / temperature
+        theta = theta_logits[:, :vocab_size].double() / temperature
+        has_nan = (teacher.isnan() | theta.isnan()).any(-1)
+        teacher = torch.where(teacher.isnan(), 0.0, teacher)
+        theta = torch.where(theta.isnan(), 0.0, theta)
+        inside = (teacher > float("-inf")) & (theta > float("-inf"))
+        mode_value, mode = theta.masked_fill(~inside, float("-inf")).max(-1, keepdim=True)
+        unsolvable = has_nan | ~inside.any(-1)
+        difference = torch.where(inside, teacher - theta, 0.0)
+        ratio = torch.where(inside, difference - difference.gather(-1, mode), 0.0)
+        base = torch.where(inside, theta - mode_value.nan_to_num(neginf=0.0), float("-inf"))
+        support = cls(base=base, ratio=ratio, base_mass=base.exp().sum(-1),
+                      small=ratio.abs().amax(-1) <= SMALL_RATIO, unsolvable=unsolvable)
+        unit = support.tilt(torch.ones(ratio.shape[0], dtype=torch.float64,
+                                       device=ratio.device))
+        # log t and log θ are normalised over every token each allows, not over the support:
+        # κ (exactly 0 where both allow the same tokens) adds the log of each one's share.
+        share_t = (torch.logsumexp(teacher.masked_fill(~inside, float("-inf")), -1)
+                   - torch.logsumexp(teacher, -1))
+        share_s = (torch.logsumexp(theta.masked_fill(~inside, float("-inf")), -1)
+                   - torch.logsumexp(theta, -1))
+        support.shift = unit.cumulant + (share_s - share_t)
+        support.shift_noise = unit.cumulant_noise + ROUNDING_SLACK * (share_s - share_t).abs()
+        return support
 
-    def repeat(self, copies: int) -> CommonSupport:
-        return CommonSupport(self.log_theta.repeat(copies, 1), self.log_ratio.repeat(copies, 1),
-                             self.magnitude.repeat(copies, 1))
+    def tilt(self, s: torch.Tensor) -> _Tilt:
+        """`s` holds one tilt per row, or several per row (copies of the rows, stacked)."""
+        rows = self.base.shape[0]
+        s = s.view(-1, rows, 1)
+        base, ratio = self.base[None], self.ratio[None]
+        tilted = base + s * ratio
+        log_norm = torch.logsumexp(tilted, dim=-1, keepdim=True)
+        weights = (tilted - log_norm).exp()
+        mean = (weights * ratio).sum(-1)
+        variance = (weights * (ratio - mean[..., None]).square()).sum(-1)
+        spread = torch.where(weights > 0, (tilted - log_norm).abs(), 0.0)
+        mean_noise = ROUNDING_SLACK * (weights * ratio.abs() * (1.0 + spread)).sum(-1)
+        base_weights, mass = base.exp(), self.base_mass[None]
+        exponent = s * ratio
+        series = torch.log1p((base_weights * torch.expm1(exponent)).sum(-1) / mass)
+        series_noise = ROUNDING_SLACK * (series.abs() + (
+            base_weights * exponent.abs() * (1.0 + base.abs().nan_to_num(posinf=0.0))
+        ).sum(-1) / mass)
+        direct = log_norm.squeeze(-1) - mass.log()
+        direct_noise = ROUNDING_SLACK * (1.0 + direct.abs() + log_norm.squeeze(-1).abs()
+                                         + mass.log()
+                                         + (weights * torch.where(weights > 0, tilted.abs(),
+                                                                  0.0)).sum(-1))
+        small = self.small[None]
+        return _Tilt(cumulant=torch.where(small, series, direct).reshape(-1),
+                     cumulant_noise=torch.where(small, series_noise, direct_noise).reshape(-1),
+                     mean=mean.reshape(-1), variance=variance.reshape(-1),
+                     mean_noise=mean_noise.reshape(-1))
+
+    def repeat(self, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """r for `copies` stacked copies of the rows, and its rounding bound."""
+        return self.shift.repeat(copies), self.shift_noise.repeat(copies)
 
 
-def _kl_symmetry_gap(support: CommonSupport, alpha: torch.Tensor
+def _kl_symmetry_gap(support: LogRatio, alpha: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Δ(α) = E_q[log t − log θ] = KL(q‖θ) − KL(q‖t), dΔ/dα = Var_q(log t − log θ), and the
-    float32 rounding error of Δ (from rounding in log θ and log t, weighted by q)."""
-    log_q = torch.log_softmax(support.log_theta + alpha[:, None] * support.log_ratio, dim=-1)
-    q = log_q.exp()
-    mean = (q * support.log_ratio).sum(-1)
-    variance = (q * (support.log_ratio - mean[:, None]).square()).sum(-1)
-    return mean, variance, ROUNDING_SLACK * (q * support.magnitude).sum(-1)
+    """Δ(α) = E_q[f] = E_q[h] − r = KL(q‖θ) − KL(q‖t), dΔ/dα = Var_q(f), and the float64
+    rounding error of Δ."""
+    tilt = support.tilt(alpha)
+    shift, shift_noise = support.repeat(alpha.shape[0] // support.base.shape[0])
+    return tilt.mean - shift, tilt.variance, tilt.mean_noise + shift_noise
 
 
-def _tilted_mean(support: CommonSupport, s: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K(s) = log E_θ[e^{s·f}], K'(s) = E_{p_s}[f] with p_s ∝ θ·e^{s·f}, and K's rounding
-    error; f = log t − log θ, sums over the common support."""
-    tilted = support.log_theta + s[:, None] * support.log_ratio
-    log_norm = torch.logsumexp(tilted, dim=-1)
-    weights = (tilted - log_norm[:, None]).exp()
-    mean = (weights * support.log_ratio).sum(-1)
-    magnitude = (weights * torch.where(weights > 0, tilted.abs(), 0.0)).sum(-1)
-    return log_norm, mean, ROUNDING_SLACK * magnitude
-
-
-def _ess_gap(support: CommonSupport, alpha: torch.Tensor
+def _ess_gap(support: LogRatio, alpha: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h(α) = log Σθ²/q − log Σt²/q = K(−α) − K(2−α), h'(α) = K'(2−α) − K'(−α) ≥ 0, error."""
-    k_low, mean_low, noise_low = _tilted_mean(support, -alpha)
-    k_high, mean_high, noise_high = _tilted_mean(support, 2.0 - alpha)
-    return k_low - k_high, mean_high - mean_low, noise_low + noise_high
+    """h(α) = log Σθ²/q − log Σt²/q = K_f(−α) − K_f(2−α) with K_f(s) = K(s) − s·r, so
+    h(α) = K(−α) − K(2−α) + 2r; h'(α) = K'(2−α) − K'(−α) ≥ 0; and the rounding error."""
+    low, high = support.tilt(-alpha), support.tilt(2.0 - alpha)
+    shift, shift_noise = support.repeat(alpha.shape[0] // support.base.shape[0])
+    return (low.cumulant - high.cumulant + 2.0 * shift, high.mean - low.mean,
+            low.cumulant_noise + high.cumulant_noise + 2.0 * shift_noise)
+
+
+def identical_models_alpha(lower: float, upper: float) -> float:
+    """α where the models agree (module docstring): 0.5, clamped to [lower, upper]."""
+    return min(max(IDENTICAL_MODELS_ALPHA, lower), upper)
 
 
 def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: torch.device,
@@ -192,30 +277,35 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
 
     Safeguarded Newton: a step that leaves the current bracket is replaced by bisection,
     and each evaluation narrows the bracket by the sign of the gap. A row stops when its
-    step is below `tolerance` or its gap is below its own float32 rounding error. A row whose
-    gap is not finite at either end (no common support, NaN logits) gets α = NaN.
+    step is below `tolerance` or its gap is below its own rounding error. A row whose gap is
+    within its rounding error at both ends has no resolvable sign anywhere: the models agree
+    to rounding, and it gets the identical-models α. A row whose gap is not finite at either
+    end (no common support, NaN logits) gets α = NaN.
     """
-    low = torch.full((rows,), lower, device=device)
-    high = torch.full((rows,), upper, device=device)
+    low = torch.full((rows,), lower, device=device, dtype=torch.float64)
+    high = torch.full((rows,), upper, device=device, dtype=torch.float64)
     if lower == upper:
-        return low
+        return low.float()
     ends, _, ends_noise = gap(torch.cat([low, high]))
     gap_low, gap_high = ends[:rows], ends[rows:]
     noise_low, noise_high = ends_noise[:rows], ends_noise[rows:]
     unsolvable = ~(torch.isfinite(gap_low) & torch.isfinite(gap_high))
-    at_low = gap_low >= -noise_low
-    at_high = (gap_high <= noise_high) & ~at_low
-    done = at_low | at_high | unsolvable
-    span = (gap_high - gap_low).clamp_min(torch.finfo(torch.float32).tiny)
-    alpha = torch.where(done, torch.where(at_low, low, high), low - gap_low * (high - low) / span)
+    agree = (gap_low.abs() <= noise_low) & (gap_high.abs() <= noise_high)
+    at_low = (gap_low >= -noise_low) & ~agree
+    at_high = (gap_high <= noise_high) & ~at_low & ~agree
+    done = at_low | at_high | agree | unsolvable
+    span = (gap_high - gap_low).clamp_min(torch.finfo(torch.float64).tiny)
+    alpha = torch.where(at_low, low, torch.where(at_high, high,
+                                                 low - gap_low * (high - low) / span))
+    alpha = alpha.masked_fill(agree, identical_models_alpha(lower, upper))
     alpha = alpha.clamp(lower, upper).masked_fill(unsolvable, float("nan"))
     if bool(done.all()):
-        return alpha
+        return alpha.float()
     for step in range(max_steps):
         value, slope, noise = gap(alpha)
         high = torch.where(value > 0, alpha, high)
         low = torch.where(value > 0, low, alpha)
-        newton = alpha - value / slope.clamp_min(1e-30)
+        newton = alpha - value / slope.clamp_min(1e-300)
         inside = (newton > low) & (newton < high)
         proposal = torch.where(inside, newton, 0.5 * (low + high))
         converged = (((proposal - alpha).abs() <= tolerance) | ((high - low) <= tolerance)
@@ -224,7 +314,7 @@ def _solve_increasing_root(gap, lower: float, upper: float, rows: int, device: t
         done = done | converged
         if step + 1 >= NEWTON_STEPS_BEFORE_CHECK and bool(done.all()):
             break
-    return alpha
+    return alpha.float()
 
 
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
@@ -242,28 +332,27 @@ def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return torch.log1p(rest) + spread / (1.0 + rest)
 
 
-def compute_alpha(log_teacher: torch.Tensor, log_theta: torch.Tensor, config: MixingConfig
-                  ) -> torch.Tensor:
-    """The teacher's weight α per row, clamped to [alpha_min, alpha_max]."""
-    rows, device = log_teacher.shape[0], log_teacher.device
+def compute_alpha(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,
+                  config: MixingConfig) -> torch.Tensor:
+    """The teacher's weight α per row (float32), clamped to [alpha_min, alpha_max]."""
+    rows, device = teacher_logits.shape[0], teacher_logits.device
     if config.alpha_method == "fixed":
         value = min(max(config.fixed_alpha, config.alpha_min), config.alpha_max)
         return torch.full((rows,), value, device=device)
     if config.alpha_method == "entropy":
-        entropy_theta, entropy_teacher = _entropy(log_theta), _entropy(log_teacher)
+        entropy_theta = _entropy(tempered_log_probs(theta_logits, vocab_size, config.temperature))
+        entropy_teacher = _entropy(tempered_log_probs(teacher_logits, vocab_size,
+                                                      config.temperature))
         total = entropy_theta + entropy_teacher
         alpha = torch.where(total > 0, entropy_theta / total.clamp_min(1e-30),
-                            torch.full_like(total, 0.5))
+                            torch.full_like(total, IDENTICAL_MODELS_ALPHA))
         return alpha.clamp(config.alpha_min, config.alpha_max)
-    support = CommonSupport.of(log_teacher, log_theta)
+    support = LogRatio.of(teacher_logits, theta_logits, vocab_size, config.temperature)
     equation = _kl_symmetry_gap if config.alpha_method == "kl_symmetry" else _ess_gap
-
-    def gap(alpha: torch.Tensor):
-        copies = alpha.shape[0] // rows
-        return equation(support if copies == 1 else support.repeat(copies), alpha)
-
-    return _solve_increasing_root(gap, config.alpha_min, config.alpha_max, rows, device,
-                                  config.tolerance, config.max_newton_steps)
+    alpha = _solve_increasing_root(lambda a: equation(support, a), config.alpha_min,
+                                   config.alpha_max, rows, device, config.tolerance,
+                                   config.max_newton_steps)
+    return alpha.masked_fill(support.unsolvable, float("nan"))
 
 
 def teacher_support_mask(log_teacher: torch.Tensor, top_k: int, top_p: float
@@ -321,7 +410,7 @@ def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab
         return _fused_mix_and_draw(teacher_logits, theta_logits, vocab_size, config, seed, ranks)
     log_teacher = tempered_log_probs(teacher_logits, vocab_size, config.temperature)
     log_theta = tempered_log_probs(theta_logits, vocab_size, config.temperature)
-    alpha = compute_alpha(log_teacher, log_theta, config)
+    alpha = compute_alpha(teacher_logits, theta_logits, vocab_size, config)
     log_q = mixture_log_probs(log_teacher, log_theta, alpha, config)
     generator = torch.Generator(device=log_q.device).manual_seed(seed)
     uniforms = torch.rand(len(ranks), generator=generator, device=log_q.device,
@@ -434,9 +523,10 @@ def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor
         value = min(max(config.fixed_alpha, config.alpha_min), config.alpha_max)
         alpha = torch.full((rows,), value, device=teacher_logits.device)
     else:
-        alpha = fused_mixing.solve_alpha(teacher_logits, theta_logits, vocab_size, temperature,
-                                         norms, config.alpha_method, config.alpha_min,
-                                         config.alpha_max, config.tolerance, ROUNDING_SLACK)
+        alpha = fused_mixing.solve_alpha(
+            teacher_logits, theta_logits, vocab_size, temperature, config.alpha_method,
+            config.alpha_min, config.alpha_max, config.tolerance, ROUNDING_SLACK, SMALL_RATIO,
+            identical_models_alpha(config.alpha_min, config.alpha_max))
     tokens, log_q, log_teacher, log_theta = fused_mixing.draw(
         teacher_logits, theta_logits, vocab_size, temperature, norms, alpha, ranks, seed)
     return MixedDraw(token_ids=tokens, alpha=alpha, log_q=log_q, log_teacher=log_teacher,

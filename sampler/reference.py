@@ -43,7 +43,10 @@ def reference_alpha(log_teacher: np.ndarray, log_theta: np.ndarray, method: str,
     """α for one row from its definition, clamped to [alpha_min, alpha_max].
 
     The equations are taken over the tokens both models allow (q is 0 elsewhere); a row
-    with no such token has no α (NaN).
+    with no such token has no α (NaN). Where the gap is zero over the whole range (identical
+    models) α is the identical-models limit, 0.5 clamped. The equations use log t − log θ
+    as given: its rounding, ε·|log p|, moves α by that over Var_q(log t − log θ), so pass
+    long-double log-probs (ε = 1.1e-19) for rows where the models nearly agree.
     """
     if method == "fixed":
         return float(np.clip(fixed_alpha, alpha_min, alpha_max))
@@ -58,6 +61,8 @@ def reference_alpha(log_teacher: np.ndarray, log_theta: np.ndarray, method: str,
     log_teacher, log_theta = log_teacher[inside], log_theta[inside]
     gap = {"kl_symmetry": _kl_symmetry_gap, "ess_balance": _ess_gap}[method]
     low, high = gap(log_teacher, log_theta, alpha_min), gap(log_teacher, log_theta, alpha_max)
+    if low >= 0 and high <= 0:
+        return float(np.clip(0.5, alpha_min, alpha_max))
     if low >= 0:
         return alpha_min
     if high <= 0:

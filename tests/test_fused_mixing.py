@@ -26,7 +26,8 @@ import sampler.mixing as mixing  # noqa: E402
 from sampler.mixing import MixingConfig, mix_and_draw, unmixable_rows  # noqa: E402
 from sampler.reference import reference_alpha, reference_mixture  # noqa: E402
 from hard_rows import VOCAB as HARD_VOCAB  # noqa: E402
-from hard_rows import assert_matches_reference, disjoint_row, hard_cases  # noqa: E402
+from hard_rows import (assert_alpha_within_derived_bounds, assert_matches_reference,  # noqa: E402
+                       disjoint_row, hard_cases, near_identical_pairs)
 
 pytest.importorskip("triton")
 
@@ -134,9 +135,8 @@ def test_fused_draw_does_not_depend_on_chunking(fused_backend, monkeypatch):
 def assert_solver_meets_tolerance(teacher: torch.Tensor, theta: torch.Tensor, method: str):
     """The fused solver's α (on [0, 1], tolerance 1e-6) against Brent's method in float64."""
     rows, vocab = teacher.shape
-    norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
-    alpha = fused_mixing.solve_alpha(teacher, theta, vocab, 1.0, norms, method, 0.0, 1.0,
-                                     1e-6, mixing.ROUNDING_SLACK)
+    alpha = fused_mixing.solve_alpha(teacher, theta, vocab, 1.0, method, 0.0, 1.0, 1e-6,
+                                     mixing.ROUNDING_SLACK, mixing.SMALL_RATIO, 0.5)
     log_t = log_normalise(teacher.double().cpu().numpy())
     log_s = log_normalise(theta.double().cpu().numpy())
     for row in range(rows):
@@ -179,6 +179,22 @@ def test_fused_path_on_rows_real_models_produce(fused_backend, chunking, method)
         draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config, seed=3,
                             ranks=torch.arange(case.teacher.shape[0]))
         assert_matches_reference(case, draw, config)
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (0.5, 1.0)])
+@pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
+def test_fused_alpha_where_the_models_nearly_agree(fused_backend, method, bounds, monkeypatch):
+    """Scaled copies, copies plus tiny noise and a shifted copy (Var_q(log t − log θ) from
+    0 and 1e-12 to 1e-4), rows in six chunks: every α within its derived bound of the
+    reference (q where that bound is loose), as on the torch path."""
+    monkeypatch.setattr(fused_mixing, "CHUNK", 256)
+    monkeypatch.setattr(fused_mixing, "BLOCK", 64)
+    teacher, theta = near_identical_pairs(1500)
+    config = MixingConfig(alpha_method=method, alpha_min=bounds[0], alpha_max=bounds[1])
+    draw = mix_and_draw(torch.tensor(teacher, dtype=torch.float32),
+                        torch.tensor(theta, dtype=torch.float32), 1500, config, seed=2,
+                        ranks=torch.arange(len(teacher)))
+    assert_alpha_within_derived_bounds(teacher, theta, draw.alpha, config, method)
 
 
 @pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
