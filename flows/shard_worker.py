@@ -1,8 +1,10 @@
 """The child flow a GPU worker runs: its share of a run's shards, on one engine pair.
 
-Deployed on a work pool with one worker per GPU (deployments/prefect.yaml,
-deployments/start-gpu-workers.sh); the distill flow starts one run of it per worker when its
-`fan_out` parameter names this deployment (tasks/fan_out.py).
+Deployed on a work pool with one worker per GPU, or per group of GPUs for a tensor-parallel
+teacher (deployments/prefect.yaml, deployments/start-gpu-workers.sh --gpus-per-worker); the
+distill flow starts one run of it per worker when its `fan_out` parameter names this
+deployment (tasks/fan_out.py). A worker that sees fewer GPUs than the dataset's engines need
+refuses its share before building them (tasks.generation.check_gpus).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from prefect.states import Cancelled, State
 from tasks.config import DatasetConfig
 from tasks.engines import ENGINES
 from tasks.fan_out import RunId, read_work_order
-from tasks.generation import generate_shard, resolve_models
+from tasks.generation import check_gpus, generate_shard, resolve_models, visible_gpus
 from tasks.layout import DataDir
 from tasks.lineage import Generation, describe_generation
 from tasks.planning import ShardKey
@@ -66,6 +68,7 @@ def generate_shards(data_dir: str, run_id: RunId, shard_keys: list[ShardKey]) ->
         return Cancelled(message=f"run {run_id} has ended (its work order "
                                  f"{data.work_order(run_id)} is gone): nothing to generate")
     generation = check_same_generation(order.config, order.generation)
+    check_gpus(order.config, visible_gpus())
     causes: dict[str, list[int]] = {}
     try:
         for shard in order.select(shard_keys):

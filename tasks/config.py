@@ -6,7 +6,7 @@ import hashlib
 import re
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -24,6 +24,7 @@ DATASET_NAME = re.compile(r"[a-z0-9_-]+")
 #: A template's field: a source column by name, with no format spec or conversion, no
 #: attribute or index (which reach the value's methods and fail only at formatting time).
 TEMPLATE_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENGINE_ROLES = ("teacher", "theta")
 
 
 class Strict(BaseModel):
@@ -120,6 +121,26 @@ class EngineConfig(Strict):
     #: The student's engine in its own process (unset: wherever the engines run on CUDA with
     #: overlapped steps; see OptimalSamplingV1).
     theta_process: bool | None = None
+    #: vLLM settings of one engine alone, by vLLM's own names, merged over the ones above
+    #: (OptimalSamplingV1's teacher_engine_args / theta_engine_args): vLLM checks the names.
+    teacher: dict[str, Any] = {}
+    theta: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _placeable(self) -> EngineConfig:
+        """The settings the pipeline reads itself (a worker's GPU count) or cannot run."""
+        for role in ENGINE_ROLES:
+            own = getattr(self, role)
+            ranks = own.get("tensor_parallel_size", 1)
+            if type(ranks) is not int or ranks < 1:
+                raise ValueError(f"engine.{role}.tensor_parallel_size: {ranks!r} is not a "
+                                 "whole number of GPUs of at least 1")
+            stages = own.get("pipeline_parallel_size", 1)
+            if stages != 1:
+                raise ValueError(f"engine.{role}.pipeline_parallel_size: {stages!r}: pipeline "
+                                 "parallel is not supported; split the model with "
+                                 "tensor_parallel_size instead")
+        return self
 
 
 class ValidationConfig(Strict):

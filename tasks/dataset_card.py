@@ -161,7 +161,7 @@ def generation_section(part: CardPart, table: pa.Table) -> list[str]:
         f"- sampling: temperature {sampling['temperature']}, top_p {sampling['top_p']}, "
         f"top_k {sampling['top_k']}, max_tokens {sampling['max_tokens']}, "
         f"samples_per_prompt {sampling['samples_per_prompt']}, seed {sampling['seed']}",
-        f"- engine: {json.dumps(settings['engine'], sort_keys=True)}",
+        *engine_lines(settings["engine"]),
         f"- sampler version `{settings['sampler_version']}`; commits: " + ", ".join(
             f"`{commit}`" + (" with uncommitted changes to the generation code" if dirty
                              else "")
@@ -174,6 +174,18 @@ def generation_section(part: CardPart, table: pa.Table) -> list[str]:
         template = facts.chat_templates.get(role)
         if template:
             lines += [f"{role} chat template:", "", "```jinja", template.rstrip("\n"), "```", ""]
+    return lines
+
+
+def engine_lines(engine: dict) -> list[str]:
+    """The vLLM settings both engines got, then each engine's own, by name (a generation
+    made before per-engine settings has none)."""
+    shared = {name: value for name, value in engine.items() if name not in ("teacher", "theta")}
+    lines = [f"- engine, both: {json.dumps(shared, sort_keys=True)}"]
+    for role in ("teacher", "theta"):
+        own = engine.get(role) or {}
+        settings = ", ".join(f"`{name}` {json.dumps(value)}" for name, value in sorted(own.items()))
+        lines.append(f"- engine, {role} alone: {settings or 'none'}")
     return lines
 
 

@@ -23,7 +23,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.states import State
 
-from tasks.config import TINY_PREFIX, DatasetConfig
+from tasks.config import ENGINE_ROLES, TINY_PREFIX, DatasetConfig
 from tasks.atomic_files import write_atomically
 from tasks.engines import ENGINES, EngineBuildError
 from tasks.layout import DataDir
@@ -48,6 +48,31 @@ def check_models(config: DatasetConfig) -> None:
     from sampler.models import resolve_pair
 
     resolve_pair(*resolve_models(config), chat_template=config.prompts.chat_template)
+
+
+class TooFewGPUs(RuntimeError):
+    """This process sees fewer GPUs than the dataset's engine pair needs."""
+
+
+def check_gpus(config: DatasetConfig, visible: int | None) -> None:
+    """Refuse, before any engine is built, a dataset whose engine needs more GPUs than the
+    `visible` ones (`visible_gpus()`); None (no CUDA: the CPU build runs a rank on each
+    core, which vLLM checks itself) skips it."""
+    for role in ENGINE_ROLES:
+        needed = getattr(config.engine, role).get("tensor_parallel_size", 1)
+        if visible is not None and visible < needed:
+            raise TooFewGPUs(
+                f"dataset {config.name}: engine.{role}.tensor_parallel_size needs {needed} "
+                f"GPUs, this worker sees {visible} (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}); start its workers "
+                f"with deployments/start-gpu-workers.sh --gpus-per-worker {needed}")
+
+
+def visible_gpus() -> int | None:
+    """The GPUs this process sees; None without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
 def resolve_models(config: DatasetConfig) -> tuple[str, str]:
@@ -97,6 +122,7 @@ Outcome = ShardOutcome | BaseException
 def generate_in_process(shards: list[Shard], config: DatasetConfig, generation: Generation,
                         run_id: str, data: DataDir) -> list[Outcome]:
     """Every shard through this process's engine pair; outcomes in shard order."""
+    check_gpus(config, visible_gpus())
     futures = generate_shard.map(shards, config=unmapped(config), generation=unmapped(generation),
                                  run_id=unmapped(run_id), data=unmapped(data))
     progress = progress_bar(run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 import pyarrow as pa
 
@@ -44,16 +45,24 @@ def build_sampler(config: DatasetConfig, generation: Generation):
     """The engine pair on the checkpoints the generation fingerprinted."""
     from sampler.api import OptimalSamplingV1
 
-    teacher, theta = generation.teacher.path, generation.theta.path
-    engine = config.engine
-    if engine.cpu_kv_cache_gib:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.cpu_kv_cache_gib)
-    return OptimalSamplingV1(
-        teacher, theta, alpha_method=config.sampling.alpha_method,
-        alpha_min=config.sampling.alpha_min, alpha_max=config.sampling.alpha_max,
-        fixed_alpha=config.sampling.fixed_alpha, max_model_len=engine.max_model_len,
-        max_num_seqs=engine.max_num_seqs, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
-        theta_process=engine.theta_process)
+    if config.engine.cpu_kv_cache_gib:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.engine.cpu_kv_cache_gib)
+    return OptimalSamplingV1(generation.teacher.path, generation.theta.path,
+                             **sampler_arguments(config))
+
+
+def sampler_arguments(config: DatasetConfig) -> dict[str, Any]:
+    """OptimalSamplingV1's keyword arguments from the dataset's sampling and engine
+    settings: the shared engine settings, and each engine's own (`engine.teacher`,
+    `engine.theta`) to merge over them."""
+    engine, sampling = config.engine, config.sampling
+    return {"alpha_method": sampling.alpha_method, "alpha_min": sampling.alpha_min,
+            "alpha_max": sampling.alpha_max, "fixed_alpha": sampling.fixed_alpha,
+            "max_model_len": engine.max_model_len, "max_num_seqs": engine.max_num_seqs,
+            "dtype": engine.dtype, "enforce_eager": engine.enforce_eager,
+            "theta_process": engine.theta_process,
+            "teacher_engine_args": dict(engine.teacher),
+            "theta_engine_args": dict(engine.theta)}
 
 
 def shard_seed(config: DatasetConfig, shard: Shard) -> int:
