@@ -5,8 +5,9 @@ A GPU machine that is lost mid-run (power, network, eviction) cannot report its 
 end, so they would stay Running and the distill flow waiting on them would wait for ever;
 marked Crashed, their unwritten shards are dealt out again (tasks/fan_out.py). Shard worker
 runs (flow `generate-shards`) send a heartbeat every 30 s (the `gpu` deployment's environment
-in prefect.yaml; Prefect's default is 180 s); one silent for DISTILL_UNRESPONSIVE_AFTER_SECONDS
-(default 90: three heartbeats) is crashed. Prefect's recipe:
+in prefect.yaml; Prefect's default is 180 s, its least 30 s); one silent for
+DISTILL_UNRESPONSIVE_AFTER_SECONDS (default 90: three heartbeats; less is refused, as a busy
+host can delay a live share's heartbeat past one or two intervals) is crashed. Prefect's recipe:
 docs.prefect.io/v3/advanced/detect-zombie-flows.
 
     python deployments/crash_unresponsive_runs.py      # setup-pool.sh runs it
@@ -31,11 +32,20 @@ SHARD_WORKER_FLOW = "generate-shards"          # flows/shard_worker.py
 #: The gpu deployment's PREFECT_FLOWS_HEARTBEAT_FREQUENCY in deployments/prefect.yaml: change
 #: both together, or healthy shares are crashed (or lost ones found late).
 SHARE_HEARTBEAT_SECONDS = 30
+#: Heartbeats a share may miss before it is crashed: fewer, and a live share on a loaded host
+#: (its heartbeat delayed) is crashed and its shards redone.
+MISSED_HEARTBEATS = 3
 
 
 def unresponsive_after() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("DISTILL_UNRESPONSIVE_AFTER_SECONDS",
-                                                  3 * SHARE_HEARTBEAT_SECONDS)))
+    """DISTILL_UNRESPONSIVE_AFTER_SECONDS, refused (naming it) below MISSED_HEARTBEATS."""
+    least = MISSED_HEARTBEATS * SHARE_HEARTBEAT_SECONDS
+    seconds = float(os.environ.get("DISTILL_UNRESPONSIVE_AFTER_SECONDS", least))
+    if seconds < least:
+        raise ValueError(f"DISTILL_UNRESPONSIVE_AFTER_SECONDS={seconds:g} is less than "
+                         f"{MISSED_HEARTBEATS} heartbeats ({least} s): live shares of a busy "
+                         f"host would be crashed")
+    return timedelta(seconds=seconds)
 
 
 def automation(silent_for: timedelta) -> Automation:

@@ -2,13 +2,16 @@
 deployment made by the project's own scripts.
 
 A real server rather than prefect_test_harness: the server's settings (an auth string, CSRF
-protection, CORS) are then its own environment, as on the host that serves the API.
+protection, CORS) are then its own environment, as on the host that serves the API. The one
+helper that starts a server for the tests (test_fan_out, test_api_auth, test_schedule).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,11 +39,19 @@ from tasks.fan_out import online_workers
 
 SERVER_STARTUP_SECONDS = 180    # the shared 2-core test host starts it in 20-60 s
 SERVER_STOP_SECONDS = 30
-WORKERS_ONLINE_SECONDS = 120
+WORKERS_ONLINE_SECONDS = 300   # it returns as soon as they are online
+SERVER_LOG = "server.log"       # in the server's PREFECT_HOME
 DEPLOYMENT = "generate-shards/gpu"
 GPU_POOL = "distill-gpu"
 RUN_DATE = date(2026, 3, 1)
 SHARD_SIZE = 2                  # the demo's 12 prompts in 6 shards
+AUTH_STRING = secrets.token_urlsafe(24)
+UI_ORIGIN = "https://prefect.internal.example"     # the UI behind its TLS proxy
+SECURED = {"PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": UI_ORIGIN}
+"""A server's settings beside its auth string as docs/deployments.md (Security) says."""
+SCRIPT_SECONDS = 120            # a deployments/ script under load
+REFUSED = re.compile(r"\b(401 Unauthorized|403 Forbidden)\b")   # httpx's words for them
 PROVENANCE = {"generated_run_id", "generated_at", "published_run_id", "published_at",
               "generated_dirty"}
 
@@ -79,13 +90,13 @@ def prefect_server(home: Path, auth_string: str | None = None, **settings: str
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **settings}
     if auth_string is not None:
         env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
-    with (home / "server.log").open("w") as log:
+    with (home / SERVER_LOG).open("w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
-        _wait_until_healthy(url, server, home / "server.log")
+        _wait_until_healthy(url, server, home / SERVER_LOG)
         with temporary_settings(updates={PREFECT_API_URL: url,
                                          PREFECT_API_AUTH_STRING: auth_string}):
             try:

@@ -1,15 +1,15 @@
-"""The several-machine path through an authenticated Prefect API: a real `prefect server start`
-with an auth string, CSRF protection and CORS limited to the UI's origin, set as
-docs/deployments.md (Security) says; the project's scripts refuse an API beyond loopback
-without an auth string."""
+"""The several-machine path's API: a real `prefect server start` with an auth string, CSRF
+protection and CORS limited to the UI's origin, set as docs/deployments.md (Security) says, and
+the project's scripts, which refuse an API beyond loopback without an auth string. The two GPU
+workers deployments/start-gpu-workers.sh starts, fanning a run out through such an API, are
+tests/test_fan_out.py's (its server has the same settings): this file starts no worker.
+"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import os
-import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,30 +19,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.distill import distill
-from prefect_servers import (RUN_DATE, SHARD_SIZE, child_runs, deploy_gpu_pool,
-                             prefect_env, prefect_server, published, short_demo_config,
-                             wait_for_workers)
+from prefect_servers import (AUTH_STRING, REFUSED, SCRIPT_SECONDS, SECURED, UI_ORIGIN,
+                             prefect_env, prefect_server)
 from tasks.config import REPO_ROOT
 
-AUTH_STRING = secrets.token_urlsafe(24)
-UI_ORIGIN = "https://prefect.internal.example"     # the UI behind its TLS proxy
-SERVER_SETTINGS = {"PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
-                   "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": UI_ORIGIN}
 SCRIPTS = ["deployments/setup-pool.sh", "deployments/start-gpu-workers.sh"]
-SCRIPT_SECONDS = 120
-REFUSED = re.compile(r"\b(401 Unauthorized|403 Forbidden)\b")   # httpx's words for them
 NETWORK_URLS = ["http://10.0.0.5:4200/api", "http://[fd00::5]:4200/api",
                 "https://localhost.internal.example/api"]
 
 
 @pytest.fixture(scope="module")
-def api_url(tiny_pair, tmp_path_factory) -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DISTILL_TINY_MODELS_DIR", str(Path(tiny_pair[0]).parent))
-        with prefect_server(tmp_path_factory.mktemp("prefect-home"), auth_string=AUTH_STRING,
-                            **SERVER_SETTINGS) as url:
-            yield url
+def api_url(tmp_path_factory) -> Iterator[str]:
+    with prefect_server(tmp_path_factory.mktemp("prefect-home"), auth_string=AUTH_STRING,
+                        **SECURED) as url:
+        yield url
 
 
 def client_env(home: Path, **settings: str) -> dict[str, str]:
@@ -123,41 +113,3 @@ def test_the_api_check_accepts_loopback_or_an_auth_string(url, auth_string, refu
                              capture_output=True, text=True, timeout=SCRIPT_SECONDS)
     assert checked.returncode == int(refused), checked.stderr
     assert ("is not on loopback" in checked.stderr) == refused, checked.stderr
-
-
-def test_the_gpu_workers_script_fans_a_run_out_through_the_authenticated_api(api_url,
-                                                                             tmp_path):
-    """deployments/start-gpu-workers.sh with GPUS=2 starts the two CPU stand-ins for GPUs;
-    the pools, automation and deployment come from setup-pool.sh and `prefect deploy`; every
-    request of this process, the scripts, the workers and their flow runs carries the auth
-    string and a CSRF token."""
-    deployment = deploy_gpu_pool()
-    demo = short_demo_config(tmp_path)
-    data_dir, workers_dir = tmp_path / "data", tmp_path / "workers"
-    workers_dir.mkdir()
-    started = subprocess.Popen(["bash", str(REPO_ROOT / "deployments/start-gpu-workers.sh")],
-                               cwd=workers_dir, env=prefect_env(GPUS="2"), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        output, _ = started.communicate(timeout=SCRIPT_SECONDS)
-        assert started.returncode == 0, output
-        assert sorted(path.name for path in (workers_dir / "logs").glob("*.pid")) == [
-            "prefect-gpu-worker-0.pid", "prefect-gpu-worker-1.pid"], output
-        wait_for_workers(2)
-        summary = distill(dataset=demo, run_date=RUN_DATE, shard_size=SHARD_SIZE,
-                          data_dir=str(data_dir), fan_out=deployment)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(started.pid, signal.SIGKILL)   # the workers, started in its group
-
-    assert summary["status"] == "published", summary
-    rows = published(data_dir, summary)
-    assert rows.num_rows == len(set(zip(rows["prompt_id"].to_pylist(),
-                                        rows["sample_index"].to_pylist()))) == 12
-    children = child_runs(summary["run_id"])
-    assert {name: run.state.name for name, run in children.items()} == {
-        "r1-0": "Completed", "r1-1": "Completed"}
-    assert len(list((data_dir / "shards" / "demo").glob("*.parquet"))) == 6
-    for log in workers_dir.glob("*.log"):
-        assert not REFUSED.search(log.read_text()), log
