@@ -363,7 +363,7 @@ def compare_modes(work: Path, pair_name: str, reference: str, other: str) -> dic
                   "mean_tokens_before_first_difference": float(np.mean(agreeing))}
     records = [work / f"{pair_name}-{arm}-record.json" for arm in (reference, other)]
     if all(path.exists() for path in records):
-        from sampler.lockstep import TRACE_COLUMNS
+        from sampler.mixing import TRACE_COLUMNS
 
         mine, theirs = (json.loads(path.read_text()) for path in records)
         largest, compared = np.zeros(len(TRACE_COLUMNS) - 1), 0

@@ -449,8 +449,8 @@ class OptimalSamplingV1:
                   ) -> OptimalSamplingOutput:
         empty = PairTrace(np.zeros((0, 5)), REJECTED)
         ordered = [traces.get(index, empty) for index in range(rows)]
-        token_ids = [trace.columns[:, 0].astype(np.int64).tolist() for trace in ordered]
-        alphas = [trace.columns[:, 1] for trace in ordered]
+        token_ids = [trace.column("token_id").astype(np.int64).tolist() for trace in ordered]
+        alphas = [trace.column("alpha") for trace in ordered]
         stats = None
         if self.track_alpha_stats:
             stats = AlphaStats(summarize_alpha(np.concatenate(alphas)),
@@ -464,9 +464,9 @@ class OptimalSamplingV1:
             alpha_history=[a.tolist() for a in alphas] if stats is not None else None,
             finish_reasons=[trace.finish_reason for trace in ordered],
             errors=errors,
-            mixed_logprobs=[trace.columns[:, 2].tolist() for trace in ordered],
-            teacher_logprobs=[trace.columns[:, 3].tolist() for trace in ordered],
-            theta_logprobs=[trace.columns[:, 4].tolist() for trace in ordered],
+            mixed_logprobs=[trace.column("log_q").tolist() for trace in ordered],
+            teacher_logprobs=[trace.column("log_teacher").tolist() for trace in ordered],
+            theta_logprobs=[trace.column("log_theta").tolist() for trace in ordered],
             per_row_alpha_stats=stats.rows if stats is not None else [],
             seed=seed,
             teacher_prompt_ids=teacher_ids,

@@ -57,14 +57,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sampler.errors import BrokenPairError, IncompatibleModelsError, LockstepError, MixingError
-from sampler.mixing import GraphedMixing, MixedDraw, MixingConfig, mix_and_draw
+from sampler.mixing import (TRACE_COLUMNS, GraphedMixing, MixedDraw, MixingConfig, mix_and_draw,
+                            unmixable_rows)
 from sampler.placement import Engine, on_tensor_parallel_workers, place_engine
 from sampler.vllm_internals import StepResult
 
 logger = logging.getLogger(__name__)
-
-#: Per-token columns recorded for every generated token, in this order.
-TRACE_COLUMNS = ("token_id", "alpha", "log_q", "log_teacher", "log_theta")
 
 
 @dataclass(frozen=True)
@@ -79,10 +77,14 @@ class PairRequest:
 
 @dataclass
 class PairTrace:
-    """A finished sequence: per-token columns (see TRACE_COLUMNS) and its finish reason."""
+    """A finished sequence: per-token columns (`TRACE_COLUMNS`) and its finish reason."""
 
     columns: np.ndarray
     finish_reason: str
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-token column, by its `TRACE_COLUMNS` name."""
+        return self.columns[:, TRACE_COLUMNS.index(name)]
 
 
 @dataclass
@@ -170,9 +172,8 @@ class _Step:
 
 def _check_mixable(step: int, pair_indices: np.ndarray, values: np.ndarray) -> None:
     """Raise `MixingError` naming the rows whose α or log q(y) is not finite."""
-    bad = ~np.isfinite(values[:, TRACE_COLUMNS.index("alpha")]) | \
-        ~np.isfinite(values[:, TRACE_COLUMNS.index("log_q")])
-    if bad.any():
+    bad = unmixable_rows(values)
+    if bad.size:
         rows = sorted(int(index) for index in pair_indices[bad])
         raise MixingError(
             f"row {rows[0]} (of rows {rows}) cannot be mixed at step {step}: teacher and theta "
@@ -507,7 +508,7 @@ class LockstepPair:
     def _mix(self, teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
              alignment: Alignment, config: MixingConfig, seed: int
              ) -> tuple[MixedDraw, torch.Tensor]:
-        """The draw in teacher row order and its record ([rows, len(TRACE_COLUMNS)] float64)."""
+        """The draw in teacher row order and its record ([rows, len(sampler.mixing.TRACE_COLUMNS)] float64)."""
         if self.graphed_mixing is not None and self.graphed_mixing.applies(teacher_logits,
                                                                             config):
             return self.graphed_mixing(teacher_logits, theta_logits, alignment.theta_for_teacher,

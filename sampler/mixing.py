@@ -55,6 +55,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sampler.errors import ConfigError
@@ -115,6 +116,10 @@ class MixingConfig:
             raise ConfigError(f"tolerance: {self.tolerance} must be > 0")
 
 
+#: The columns of `MixedDraw.record()`: what is recorded for every generated token.
+TRACE_COLUMNS = ("token_id", "alpha", "log_q", "log_teacher", "log_theta")
+
+
 @dataclass
 class MixedDraw:
     """One drawn token per row and what the output records about it."""
@@ -126,8 +131,8 @@ class MixedDraw:
     log_theta: torch.Tensor
 
     def record(self) -> torch.Tensor:
-        """[rows, 5] float64: token id, α, log q(y), log t(y), log θ(y) (the lockstep's
-        TRACE_COLUMNS), one device tensor so that one copy brings a step to the host."""
+        """[rows, 5] float64 in `TRACE_COLUMNS`' order, one device tensor so that one copy
+        brings a step to the host."""
         return torch.stack([self.token_ids.double(), self.alpha.double(), self.log_q.double(),
                             self.log_teacher.double(), self.log_theta.double()], dim=1)
 
@@ -398,9 +403,12 @@ def draw_from_log_probs(log_q: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(log_q.shape[-1] - 1)
 
 
-def unmixable_rows(alpha: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Positions of rows whose α or log q(y) is not finite: rows the mixing could not serve."""
-    return torch.nonzero(~(torch.isfinite(alpha) & torch.isfinite(log_q))).flatten()
+def unmixable_rows(record: np.ndarray) -> np.ndarray:
+    """Positions of the rows of a host copy of `MixedDraw.record()` whose α or log q(y) is
+    not finite: rows the mixing could not serve."""
+    alpha = record[:, TRACE_COLUMNS.index("alpha")]
+    log_q = record[:, TRACE_COLUMNS.index("log_q")]
+    return np.flatnonzero(~(np.isfinite(alpha) & np.isfinite(log_q)))
 
 
 def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,

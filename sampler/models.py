@@ -49,23 +49,36 @@ def _has_weights(folder: Path) -> bool:
     return any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
 
 
+def safetensors_header(path: Path) -> bytes:
+    """The raw JSON header of a safetensors file (tensor names, dtypes, shapes, offsets),
+    read without the weights; `ValueError` if the file is shorter than the header says."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = handle.read(length)
+    if len(header) != length:
+        raise ValueError(f"{path.name} is shorter than its header says")
+    return header
+
+
 def _torn_weights(folder: Path) -> str | None:
     """The first safetensors file whose size is not what its header describes (a cut-short
     copy or download), read from the header alone; None when every file adds up."""
     for weights in sorted(folder.glob("*.safetensors")):
         size = weights.stat().st_size
         try:
-            with weights.open("rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                if 8 + length > size:
-                    return f"{weights.name} is {size} bytes, shorter than its header says"
-                header = json.loads(handle.read(length))
+            raw = safetensors_header(weights)
+        except ValueError:
+            return f"{weights.name} is {size} bytes, shorter than its header says"
+        except struct.error:
+            return f"{weights.name} has no readable safetensors header"
+        try:
+            header = json.loads(raw)
             end = max((tensor["data_offsets"][1] for key, tensor in header.items()
                        if key != "__metadata__"), default=0)
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return f"{weights.name} has no readable safetensors header"
-        if 8 + length + end != size:
-            return f"{weights.name} is {size} bytes, its header describes {8 + length + end}"
+        if 8 + len(raw) + end != size:
+            return f"{weights.name} is {size} bytes, its header describes {8 + len(raw) + end}"
     return None
 
 

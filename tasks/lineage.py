@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 import subprocess
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sampler.models import safetensors_header
 from tasks.config import REPO_ROOT, DatasetConfig
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,6 @@ def local_checkpoint(name: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def _safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file (tensor names, shapes, dtypes, offsets)."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return handle.read(length)
-
-
 def checkpoint_fingerprint(folder: Path | None) -> str | None:
     """Hash of a checkpoint's config, tokenizer and chat template files and its weights index
     (a single-file checkpoint: each safetensors file's size and header). No weights are read."""
@@ -95,7 +88,7 @@ def checkpoint_fingerprint(folder: Path | None) -> str | None:
     if not (folder / "model.safetensors.index.json").is_file():
         for weights in sorted(folder.glob("*.safetensors")):
             digest.update(f"{weights.name}:{weights.stat().st_size}\0".encode())
-            digest.update(_safetensors_header(weights))
+            digest.update(safetensors_header(weights))
     return digest.hexdigest()[:16]
 
 

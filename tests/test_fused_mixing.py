@@ -204,7 +204,7 @@ def test_fused_path_reports_a_row_with_no_common_support(fused_backend, method):
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
     draw = mix_and_draw(torch.cat([good.teacher, teacher]), torch.cat([good.theta, theta]),
                         HARD_VOCAB, config, seed=1, ranks=torch.arange(5))
-    assert unmixable_rows(draw.alpha, draw.log_q).tolist() == [4]
+    assert unmixable_rows(draw.record().cpu().numpy()).tolist() == [4]
 
 
 

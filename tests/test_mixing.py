@@ -193,7 +193,7 @@ def test_a_row_with_no_common_support_is_reported_not_solved(method):
     theta = torch.cat([good.theta[:2], bad_theta, good.theta[2:]])
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
     draw = mix_and_draw(teacher, theta, HARD_VOCAB, config, seed=1, ranks=torch.arange(5))
-    assert unmixable_rows(draw.alpha, draw.log_q).tolist() == [2]
+    assert unmixable_rows(draw.record().cpu().numpy()).tolist() == [2]
     keep = torch.tensor([0, 1, 3, 4])
     rest = MixedDraw(*(getattr(draw, name)[keep] for name in
                        ("token_ids", "alpha", "log_q", "log_teacher", "log_theta")))
