@@ -23,9 +23,16 @@ import pyarrow.parquet as pq
 from tasks.faults import crash_point
 
 HOST = socket.gethostname().replace(".", "-")
-#: mkstemp creates files 0600; published files get the mode an ordinary open would give.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _umask() -> int:
+    """The process's umask (mkstemp creates files 0600; published files get the mode an
+    ordinary open would give), read without setting it: `os.umask` would leave a window in
+    which another thread's new file gets mode 0o666."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    raise OSError("no Umask line in /proc/self/status")
 
 
 def write_atomically(table: pa.Table, path: Path, crash_point_name: str = "write") -> None:
@@ -70,7 +77,7 @@ def _replace_atomically(path: Path, write: Callable[[BinaryIO], object],
     temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
