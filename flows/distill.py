@@ -70,8 +70,11 @@ def distill(dataset: str = "demo", run_date: date | None = None, shard_size: int
     try:
         config = load_dataset_config(dataset, allow_path=deployment.get_id() is None)
     except ConfigError as error:
-        record_refused_run(data, dataset, run_date, flow_run_id,
-                           f"{type(error).__name__}: {error}")
+        try:
+            record_refused_run(data, dataset, run_date, flow_run_id,
+                               f"{type(error).__name__}: {error}")
+        except Exception:  # noqa: BLE001 - the config error is the one to report
+            get_run_logger().exception("could not record the refused run in the catalog")
         raise
     with run_lock(data.root, config.name, run_date, lock_wait_seconds):
         return _run(config, run_date, data, shard_size, fan_out, workers, flow_run_id)

@@ -1,5 +1,5 @@
 -- Views over the published Parquet, for people querying the pipeline's output (made once a
--- partition is published; the runs' views are in run_views.sql). DuckDB binds no parameter in
+-- partition is published; the runs' views are in schema.sql). DuckDB binds no parameter in
 -- a view: tasks.sql.create_views puts published_glob in as a literal DuckDB quotes itself.
 -- Every sample is in exactly one partition (dataset, generation, run_date).
 CREATE OR REPLACE VIEW published AS

@@ -107,6 +107,18 @@ ALTER TABLE runs ALTER COLUMN generation_hash DROP NOT NULL;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS generation VARCHAR;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS sample_round VARCHAR;
 
+-- Views over the run tables: they answer from the first run on, published or not (a run
+-- refused on its config included).
+CREATE OR REPLACE VIEW rejected_rows AS
+SELECT dataset, stage, source_row, prompt_id, reason, run_id AS first_run_id, last_run_id,
+       rejected_at, last_seen_at
+FROM rejects ORDER BY rejected_at DESC;
+
+CREATE OR REPLACE VIEW latest_runs AS
+SELECT run_id, dataset, run_date, generation_hash AS generation, status, rows_published, message,
+       started_at, finished_at
+FROM runs ORDER BY started_at DESC;
+
 -- The hash of this file's text, written last: a connection to a catalog that has it skips
 -- the file (its ALTERs would write to the catalog's log on every connection).
 CREATE TABLE IF NOT EXISTS schema_version (schema_hash VARCHAR NOT NULL);

@@ -2,10 +2,13 @@
 folder (without it a power loss can lose the rename that the catalog already records).
 
 The temporary file is created new (O_CREAT | O_EXCL | O_NOFOLLOW) under an unpredictable name
-and written through its own descriptor, so a symlink planted in the data dir is never
-followed. A writer that dies leaves only a hidden temporary file whose name carries its host
-and pid; the next run on that host removes it once that pid is gone (GPU workers on other
-machines may write into the same shared folders).
+and written through its own descriptor, and the rename replaces a symlink planted at the
+target instead of writing through it. Folders are taken as the OS resolves them: a symlinked
+folder inside the data dir is followed (the data dir's owner is trusted with its folders;
+names that reach a path are checked in `tasks.layout`). A writer that dies leaves only a
+hidden temporary file whose name carries its host and pid; the next run on that host removes
+it once that pid is gone (GPU workers on other machines may write into the same shared
+folders).
 """
 
 from __future__ import annotations

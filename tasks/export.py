@@ -83,8 +83,14 @@ def read_partition(partition: Partition, dataset: str) -> tuple[pa.Table, CardPa
         facts = PartitionFacts.from_metadata(metadata, str(partition.path))
     except ValueError as error:
         raise ExportError(str(error)) from None
-    settings = json.loads(metadata[GENERATION_KEY])
-    for checkpoint in settings["checkpoints"].values():
+    try:
+        settings = json.loads(metadata[GENERATION_KEY])
+        checkpoints = settings["checkpoints"].values()
+    except (KeyError, AttributeError, TypeError, ValueError) as error:
+        raise ExportError(f"{partition.path}: its {GENERATION_KEY.decode()} metadata is missing "
+                          f"or lacks the checkpoints ({error!r}); it was published by an "
+                          "earlier version: run its date again") from None
+    for checkpoint in checkpoints:
         checkpoint.pop("path", None)
     table = table.drop_columns([c for c in LOCAL_PATH_COLUMNS if c in table.column_names])
     table = table.replace_schema_metadata(

@@ -40,9 +40,9 @@ def run_id_of(dataset: str, run_date: date, flow_run_id: str) -> str:
 
 
 def _write_run(connection: duckdb.DuckDBPyConnection, **columns: Any) -> None:
-    """Record a run's row; the views over the run tables answer from the first run on."""
+    """Record a run's row (the schema's views over the run tables answer from the first run
+    on)."""
     run_sql(connection, "record_run", **columns)
-    run_sql(connection, "run_views")
 
 
 def record_refused_run(data: DataDir, dataset: str, run_date: date, flow_run_id: str,

@@ -29,7 +29,7 @@ from sampler.errors import ConfigError
 from tasks import answer_checks
 from tasks.answer_checks import gsm8k_final_answer
 from tasks.config import DATASETS_DIR, parse_dataset_config
-from tasks.dataset_card import (CARD_TITLE, GENERATION_KEY, CardPart, PartitionFacts,
+from tasks.dataset_card import (CARD_KEY, CARD_TITLE, GENERATION_KEY, CardPart, PartitionFacts,
                                 render_card)
 from tasks.export import ExportError, check_out, export_dataset
 from tasks.layout import DataDir
@@ -356,6 +356,23 @@ def test_export_refuses_a_partition_published_before_cards_naming_it(tmp_path):
     pq.write_table(pa.table({"prompt_id": ["a"], "completion": ["#### 5"]}), old)
     with pytest.raises(ExportError, match=f"{old}: no distill.card metadata; it was published "
                                           "before dataset cards existed"):
+        export_dataset(data, "demo", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("generation", [None, b"{}", b"not json"])
+def test_export_refuses_a_partition_whose_generation_settings_are_old_or_missing(tmp_path,
+                                                                                 generation):
+    data = DataDir(tmp_path / "data")
+    old = data.partition("demo", "0123456789abcdef", date(2026, 1, 1))
+    old.parent.mkdir(parents=True)
+    facts = PartitionFacts(dataset="demo", description="", run_date="2026-01-01",
+                           generation="0123456789abcdef", published_run_id="r", counts={},
+                           validation={}, curation={}, card={}, chat_templates={}, reproduce="")
+    metadata = {CARD_KEY: facts.to_json(), **({GENERATION_KEY: generation} if generation else {})}
+    pq.write_table(pa.table({"prompt_id": ["a"]}).replace_schema_metadata(metadata), old)
+    with pytest.raises(ExportError, match=f"{old}: its distill.generation metadata is missing "
+                                          "or lacks the checkpoints .*run its date again"):
         export_dataset(data, "demo", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
