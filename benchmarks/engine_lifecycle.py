@@ -79,6 +79,7 @@ def main() -> None:
     again = rebuilt.generate(requests(16), config, seed=1, show_progress=False)
     result["rebuilt_tokens"] = sum(len(t.columns) for t in again.values())
     result["rebuilt_tokens_checked"] = rebuilt.tokens_checked
+    result["rebuilt_preemptions"] = rebuilt.preemptions
     result["same_tokens_as_first_pair"] = all(
         first[i].columns[:, 0].tolist() == again[i].columns[:, 0].tolist() for i in first)
     result["card"] = torch.cuda.get_device_name(0)

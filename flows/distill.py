@@ -88,12 +88,13 @@ def _run(config: DatasetConfig, run_date: date, data: DataDir, shard_size: int,
         get_run_logger().info("removed %d temporary files left by crashed writers", removed)
     ledger = RunLedger(data, config, run_date, flow_run_id)
     with ledger.failure_recorded():
+        model_paths = resolve_models(config)
         try:
-            check_models(config)
+            models = check_models(config, model_paths)
         except IncompatibleModelsError as error:
             raise RunFailed(f"run {ledger.run_id}: {error}") from error
-        ledger.begin(describe_generation(config, resolve_models(config)))
-        prompts = stage_prompts(ledger, config)
+        ledger.begin(describe_generation(config, model_paths))
+        prompts = stage_prompts(ledger, config, models)
         shards = plan_shards(ledger, prompts, config, shard_size)
         if fan_out:
             outcomes = generate_on_workers(shards, config, ledger.generation, ledger.run_id,

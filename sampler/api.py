@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -24,8 +25,9 @@ import numpy as np
 from sampler.errors import BrokenPairError, ConfigError
 from sampler.lockstep import LockstepPair, PairRequest, PairTrace
 from sampler.mixing import MixingConfig
-from sampler.prompts import (PromptFormat, load_tokenizer, pair_stop_token_ids,
-                             render_prompt_ids, shared_vocab_size)
+from sampler.prompts import (Prompt, PromptFormat, load_tokenizer, pair_stop_token_ids,
+                             prompt_problem, render_prompt_ids, shared_vocab_size)
+from sampler.soft_targets import SOFT_TARGET_COLUMNS, check_top_logprobs
 from sampler.vllm_internals import REQUIRED_ENGINE_ARGS
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,27 @@ REJECTED = "rejected"
 #: The pair's share of device memory when the caller gives none (0.55 + 0.3 ran the
 #: 7B + 0.5B benchmark on one GPU).
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
+
+
+def check_row_keys(row_keys: Sequence[int] | None, rows: int) -> list[int]:
+    """Each row's draw key: `row_keys` if it holds one distinct integer in [0, 2⁶³) per row,
+    else the row indices."""
+    if row_keys is None:
+        return list(range(rows))
+    keys = list(row_keys)
+    if len(keys) != rows:
+        raise ConfigError(f"row_keys: {len(keys)} keys for {rows} prompts")
+    for index, key in enumerate(keys):
+        if not isinstance(key, (int, np.integer)) or isinstance(key, bool) \
+                or not 0 <= key < 2**63:
+            raise ConfigError(f"row_keys[{index}]: {key!r} is not an integer in [0, 2**63)")
+    first_row: dict[int, int] = {}
+    for index, key in enumerate(keys):
+        if key in first_row:
+            raise ConfigError(f"row_keys: rows {first_row[key]} and {index} share key {key}; "
+                              "their draws would be the same")
+        first_row[key] = index
+    return [int(key) for key in keys]
 
 
 def summarize_alpha(alphas: np.ndarray) -> dict[str, float | int]:
@@ -86,6 +109,13 @@ class OptimalSamplingOutput:
     seed: int | None = None
     teacher_prompt_ids: list[list[int]] = field(default_factory=list)
     theta_prompt_ids: list[list[int]] = field(default_factory=list)
+    #: With `top_logprobs=k`, per row and generated token the k most likely ids of each
+    #: model and their log-probs (`sampler.soft_targets`); None when off, [] for a row with
+    #: an error.
+    teacher_top_ids: list[list[list[int]]] | None = None
+    teacher_top_logprobs: list[list[list[float]]] | None = None
+    theta_top_ids: list[list[list[int]]] | None = None
+    theta_top_logprobs: list[list[list[float]]] | None = None
 
 
 def save_alpha_history(output: OptimalSamplingOutput, filepath: str | Path,
@@ -111,9 +141,16 @@ def save_alpha_history(output: OptimalSamplingOutput, filepath: str | Path,
         every = np.concatenate(histories) if histories else np.zeros(0)
         payload.update(alpha_stats=summarize_alpha(every), seed=output.seed)
     path = Path(filepath)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload))
-    os.replace(temporary, path)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(json.dumps(payload))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     logger.info("alpha history of %d requests saved to %s", len(requests), path)
 
 
@@ -168,9 +205,17 @@ def engine_memory_shares(fraction: float, total_bytes: int, teacher: MemoryFootp
             raise ConfigError(f"{role}_engine_args.gpu_memory_utilization: {own} is outside "
                               "(0, 1]")
     if teacher_own is not None and theta_own is not None:
+        if teacher_own + theta_own > 1.0:
+            raise ConfigError(
+                f"teacher_engine_args.gpu_memory_utilization {teacher_own} and "
+                f"theta_engine_args.gpu_memory_utilization {theta_own} sum to "
+                f"{teacher_own + theta_own:.3g}: both engines share one device, and vLLM "
+                "builds the second only if its share is still free")
         return MemorySplit(teacher_own, theta_own)
     if teacher_own is None and theta_own is None:
         return split_memory_utilization(fraction, total_bytes, teacher, theta)
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"gpu_memory_utilization: {fraction} is outside (0, 1]")
     role, own = ("teacher", teacher_own) if teacher_own is not None else ("theta", theta_own)
     rest = fraction - own
     if rest <= 0:
@@ -351,33 +396,37 @@ class OptimalSamplingV1:
         """The seed's method form of the module's `save_alpha_history`."""
         save_alpha_history(output, filepath, include_metadata)
 
-    def _row_requests(self, pair: LockstepPair, prompts: list[str], theta_prompts: list[str],
-                      max_tokens: int, formats: tuple[PromptFormat, PromptFormat]
+    def _row_requests(self, pair: LockstepPair, prompts: list[Prompt],
+                      theta_prompts: list[Prompt], max_tokens: int,
+                      formats: tuple[PromptFormat, PromptFormat], keys: list[int]
                       ) -> tuple[list[PairRequest], list[str | None], list[list[int]],
                                  list[list[int]]]:
         """Render both prompts per row; rows that cannot run get an error instead."""
         requests, errors, teacher_ids, theta_ids = [], [], [], []
         engines = (("teacher", pair.teacher, self.teacher_tokenizer, formats[0]),
                    ("theta", pair.theta, self.theta_tokenizer, formats[1]))
-        for index, texts in enumerate(zip(prompts, theta_prompts)):
+        for index, row_prompts in enumerate(zip(prompts, theta_prompts)):
             error, rendered = None, []
-            for (role, engine, tokenizer, prompt_format), text in zip(engines, texts):
-                if not isinstance(text, str) or not text.strip():
-                    error = error or f"row {index}: {role} prompt is empty"
+            for (role, engine, tokenizer, prompt_format), prompt in zip(engines, row_prompts):
+                problem = prompt_problem(prompt, prompt_format)
+                if problem:
+                    error = error or f"row {index}: {role} prompt {problem}"
                     rendered.append([])
                     continue
-                ids = render_prompt_ids(tokenizer, text, prompt_format)
+                ids = render_prompt_ids(tokenizer, prompt, prompt_format)
                 if len(ids) >= engine.max_model_len:
-                    error = error or (f"row {index}: {role} prompt has {len(ids)} tokens; the "
-                                      f"{role} context is {engine.max_model_len} tokens, leaving "
-                                      "no room to generate")
+                    turns = "" if isinstance(prompt, str) else f" ({len(prompt)} turns)"
+                    error = error or (f"row {index}: {role} prompt{turns} has {len(ids)} "
+                                      f"tokens; the {role} context is {engine.max_model_len} "
+                                      "tokens, leaving no room to generate")
                 rendered.append(ids)
             teacher_ids.append(rendered[0])
             theta_ids.append(rendered[1])
             if error is None:
                 room = min(pair.teacher.max_model_len - len(rendered[0]),
                            pair.theta.max_model_len - len(rendered[1]))
-                request = PairRequest(index, rendered[0], rendered[1], min(max_tokens, room))
+                request = PairRequest(index, rendered[0], rendered[1], min(max_tokens, room),
+                                      keys[index])
                 capacity = pair.capacity_error(request)
                 if capacity:
                     error = f"row {index}: {capacity}"
@@ -402,14 +451,22 @@ class OptimalSamplingV1:
                                          alpha_min=1.0, alpha_max=1.0)
         return config
 
-    def generate(self, prompts: list[str], theta_prompts: list[str] | None = None,
+    def generate(self, prompts: list[Prompt], theta_prompts: list[Prompt] | None = None,
                  max_tokens: int = 100, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None,
                  use_optimal_sampling: bool = True, seed: int | None = None,
                  show_progress: bool = True, *, mixing: MixingConfig | None = None,
                  teacher_format: PromptFormat | None = None,
-                 theta_format: PromptFormat | None = None) -> OptimalSamplingOutput:
+                 theta_format: PromptFormat | None = None, top_logprobs: int = 0,
+                 row_keys: Sequence[int] | None = None) -> OptimalSamplingOutput:
         """Generate one sequence per prompt; `theta_prompts[i]` is what theta sees for row i.
+
+        A prompt is a text (the user's turn) or a conversation, a list of `{"role",
+        "content"}` turns (system, user, assistant) whose last is the user's: each model
+        renders the whole history with its own chat template and system prompt (what a
+        system turn of the conversation becomes: `PromptFormat.system_turn`) and the
+        sequence is the next assistant turn. A row whose prompt is malformed or longer
+        than a model's context gets an error naming the row and the turn.
 
         `temperature`, `top_p`, `top_k` default to `MixingConfig`'s (1, 1, off). `seed`
         fixes the draws (random when None). `mixing` replaces, for this call only, the
@@ -423,6 +480,15 @@ class OptimalSamplingV1:
         probability 0 (a −inf logit) could differ: it is never drawn. Language models give
         every token a finite logit, so for them q = t exactly. Theta still runs, so log θ(y)
         is recorded and importance weights θ(y)/q(y) of teacher samples can be computed.
+
+        `top_logprobs=k` (0: off, up to `MAX_TOP_LOGPROBS`) records at every generated
+        position each model's k most likely tokens and their log-probs (its own
+        log-softmax at temperature 1, before top-k/top-p: `sampler.soft_targets`).
+
+        The randomness behind row i's token at position j depends only on `seed`, the row's
+        key (`row_keys[i]`, default i) and j: not on the other rows, their order, the batch
+        size or preemption. Give each row a key of its identity (e.g. a hash of its id) to
+        draw the same for it whichever call it is in; rows may not share a key.
         """
         if self.pair is None:
             raise BrokenPairError("cleanup() freed this sampler's engines; build a new "
@@ -434,19 +500,23 @@ class OptimalSamplingV1:
                               f"{len(prompts)} prompts")
         if max_tokens < 1:
             raise ConfigError(f"max_tokens: {max_tokens} must be at least 1")
+        top_logprobs = check_top_logprobs(top_logprobs, self.vocab_size)
         config = self._call_config(temperature, top_p, top_k, use_optimal_sampling, mixing)
         formats = (teacher_format or self.teacher_format, theta_format or self.theta_format)
         seed = secrets.randbits(63) if seed is None else int(seed)
+        keys = check_row_keys(row_keys, len(prompts))
         requests, errors, teacher_ids, theta_ids = self._row_requests(
-            self.pair, list(prompts), list(theta_prompts), max_tokens, formats)
+            self.pair, list(prompts), list(theta_prompts), max_tokens, formats, keys)
         for error in filter(None, errors):
             logger.warning("rejected %s", error)
-        traces = self.pair.generate(requests, config, seed, show_progress) if requests else {}
-        return self._assemble(len(prompts), traces, errors, seed, teacher_ids, theta_ids)
+        traces = (self.pair.generate(requests, config, seed, show_progress,
+                                     top_logprobs=top_logprobs) if requests else {})
+        return self._assemble(len(prompts), traces, errors, seed, teacher_ids, theta_ids,
+                              top_logprobs)
 
     def _assemble(self, rows: int, traces: dict[int, PairTrace], errors: list[str | None],
-                  seed: int, teacher_ids: list[list[int]], theta_ids: list[list[int]]
-                  ) -> OptimalSamplingOutput:
+                  seed: int, teacher_ids: list[list[int]], theta_ids: list[list[int]],
+                  top_logprobs: int) -> OptimalSamplingOutput:
         empty = PairTrace(np.zeros((0, 5)), REJECTED)
         ordered = [traces.get(index, empty) for index in range(rows)]
         token_ids = [trace.column("token_id").astype(np.int64).tolist() for trace in ordered]
@@ -471,4 +541,18 @@ class OptimalSamplingV1:
             seed=seed,
             teacher_prompt_ids=teacher_ids,
             theta_prompt_ids=theta_ids,
+            **soft_target_lists(ordered, top_logprobs),
         )
+
+
+def soft_target_lists(traces: list[PairTrace], k: int) -> dict[str, list | None]:
+    """The output's `SOFT_TARGET_COLUMNS` fields: per row, per token, k values; None when
+    off, [] for a row that was not generated."""
+    if k == 0:
+        return dict.fromkeys(SOFT_TARGET_COLUMNS)
+    lists: dict[str, list] = {name: [] for name in SOFT_TARGET_COLUMNS}
+    for trace in traces:
+        parts = trace.soft_targets(k) if trace.finish_reason != REJECTED else {}
+        for name in SOFT_TARGET_COLUMNS:
+            lists[name].append(parts[name].tolist() if parts else [])
+    return lists

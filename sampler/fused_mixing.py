@@ -6,39 +6,51 @@ small kernel per pass merges a row's chunk partials (two-stage reduction).
 
 - `log_normalisers`: logsumexp of both models' tempered logits;
 - `solve_alpha`: the α of `kl_symmetry` or `ess_balance`, by the safeguarded Newton rule of
-  `sampler.mixing._solve_increasing_root` run entirely on the device, on the same float64
-  form of the equations (`sampler.mixing.LogRatio`: f = h − r, h the centred difference of
-  the logits). A centre pass finds θ's mode, m and each model's mass on the support, a
+  `sampler.mixing._solve_increasing_root` run entirely on the device, on the float64 form of
+  the equations (`sampler.mixing.LogRatio`: f = h − r, h the centred difference of the
+  logits). A centre pass finds θ's mode, m and each model's mass on the support, a float64
   pass at tilt 1 gives r; then each pass reads both models' logits once and returns, for
   p_s ∝ θ·e^{s·h} (so p_α = q_α), K(s), E[h], Var[h] (merged Welford-style) and the
-  magnitudes that bound rounding, accumulated in float64 per token (the float32 weights'
-  ε₃₂ would move α by ε₃₂/√Var); the logits are read as before (bf16/float32) and the
-  [rows, chunks, 10] partials are float64;
-  the merge kernel applies the Newton/bisection update in place. A fixed launch schedule
+  magnitudes that bound their rounding, as [rows, chunks, 10] float64 partials; the merge
+  kernel applies the Newton/bisection update in place. A fixed launch schedule
   (`NEWTON_STEPS` Newton passes, then bisection passes enough to shrink any bracket below the
-  tolerance) replaces the host's convergence checks; finished rows skip their passes;
+  tolerance) replaces the host's convergence checks; finished rows skip their passes.
+
+  Two tiers. Float64 exp has no fast path on a GPU: with it per token the solver cost
+  4.17 ms a step (kl_symmetry, one H200, 256 × 152,064 bf16) against 1.44–1.97 in float32.
+  So the schedule runs first with float32 weights: h, the tilted log-weights x and every
+  sum stay float64 (the cancellation f = h − r is kept; the centre and r are float64
+  passes), only e^x is float32, by exp2 with the argument's rounding put back, so each
+  weight is off by at most 2ε₃₂ relative whatever |x|. Then E[h] is off by at most
+  2ε₃₂·√Var[h] and K(s) by 2ε₃₂, and α by that over the slope (≈ 2ε₃₂/√Var_q(f) for kl). A
+  row is settled there when that bound (`FLOAT32_SLACK`: a safety factor 2) moves α by at
+  most the tolerance: Var_q(f) ≳ 0.25 (kl), 0.5 (ess). The others are marked, and the same
+  schedule runs again with float64 weights, each program first reading its row's mark and
+  returning at once for a settled row: from the ends for models that agree to float32
+  rounding (or unsolvable rows), else resumed from the float32 bracket and α (narrowed by
+  resolved signs only). Fixed grids, no host synchronisation: graph capture holds. About
+  twice the launches, which a captured graph hides. Measured (H200, 256 × 152,064 bf16,
+  solve_alpha alone, graphed, against the all-float64 solver in the same call): kl 5.46 →
+  2.52 ms, ess 8.74 → 3.52 on independent logits; near-identical (θ = t·(1 + 1e-6), every
+  row re-solved) kl 6.70 → 4.67, ess 11.35 → 12.37; α within 4.2e-7 of the float64 one;
 - `draw`: y = argmax(log q − log E), E ~ Exp(1) per token (the exponential race, i.e.
-  Gumbel-max) from counter-based random numbers (seed, row rank, token), so a row's draw does
-  not depend on the engine's row order or on the chunking, and the recorded log q(y),
-  log t(y), log θ(y). `sampler.mixing` states the exactness of this draw.
+  Gumbel-max) from Philox keyed by the row's 63-bit draw key (`sampler.mixing.draw_keys`) at
+  counter = the token id, so a row's draw depends on its key alone: not on its row
+  position, the batch or the chunking; and the recorded log q(y), log t(y), log θ(y).
+  `sampler.mixing` states the exactness of this draw.
 
 Every sum runs over the tokens both models allow (a −inf logit in either model gives q = 0),
 and every running maximum is guarded, so a block far below the row's maximum (low
 temperature) or wholly outside the support adds zero weight instead of 0/0. A row that has no
 common support or a NaN logit ends with α or log q(y) NaN, which the lockstep reports.
 
-Cost (one H200, 256 rows × 152,064 columns of bf16 logits, eager, same call): a step's
-mixing took 4.17 ms for `kl_symmetry` and 6.25 ms for `ess_balance` with these float64
-passes, against 1.44–1.97 and 2.08–2.27 ms with the float32 passes they replaced; the 7B +
-0.5B pair with theta in its own process ran 12,580 tok/s (plain vLLM 18,785 in a call just
-before; 14,764 against 18,795 at the float32 kernels). Per-token float32 with only the
-accumulators in float64, or float64 only for rows whose float32 gap is within its rounding,
-is where that time is to be won back.
+`benchmarks/mixing_step.py` times a step per method, for separated and near-identical models.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -47,6 +59,17 @@ import triton.language as tl
 #: Columns each program reduces, and columns per loop iteration inside a program.
 CHUNK = 8192
 BLOCK = 1024
+#: The float32 schedule's counterpart of `sampler.mixing.ROUNDING_SLACK`: ε₃₂ = 2⁻²³ with a
+#: safety factor of 2, times the bounds of `_merged_moments`.
+FLOAT32_SLACK = 2.0 * 2.0**-23
+#: Relative rounding of a float32 weight in ε₃₂ (`_exp_float32`: exp2's error, ≤ 2 ulp).
+WEIGHT_ROUNDING = tl.constexpr(2.0)
+LOG2_E = tl.constexpr(1.4426950408889634)
+LN_2 = tl.constexpr(0.6931471805599453)
+#: Marks of the rows the float32 schedule leaves to float64: all over again, or on from the
+#: bracket and α where the float32 gap fell within its rounding.
+REDO_FROM_ENDS = tl.constexpr(1)
+REDO_FROM_BRACKET = tl.constexpr(2)
 #: Newton passes before the solver switches to bisection (rows converge in ~3–6).
 NEWTON_STEPS = 8
 #: Values stored per (entry, chunk) by the moments pass.
@@ -244,6 +267,16 @@ def _expm1(y):
 
 
 @triton.jit
+def _exp_float32(y):
+    """e^y of a float64 y ≤ 0 (or −inf) by float32's exp2, the argument's float32 rounding
+    put back in float64: relative error within WEIGHT_ROUNDING·ε₃₂ whatever |y|."""
+    t = y * LOG2_E
+    t32 = t.to(tl.float32)
+    residual = tl.where(t > float("-inf"), (t - t32.to(tl.float64)) * LN_2, 0.0)
+    return tl.exp2(t32).to(tl.float64) * (1.0 + residual)
+
+
+@triton.jit
 def _log1p(v):
     """log(1 + v) to float64 precision relative to v (the correction of log(u)/(u − 1))."""
     u = 1.0 + v
@@ -253,18 +286,19 @@ def _log1p(v):
 @triton.jit
 def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv_temperature,
                             mode, centre, points, point_count, done, partials,
-                            ESS: tl.constexpr, SKIP_DONE: tl.constexpr,
+                            ESS: tl.constexpr, FLOAT32_WEIGHTS: tl.constexpr,
                             CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Entry e = j·point_count + point: tilt s = α_point (kl) or 2j − α_point (ess, j ∈ {0,1}),
-    of p_s ∝ θ·e^{s·h}, h = g − m (`sampler.mixing.LogRatio`), in float64."""
+    of p_s ∝ θ·e^{s·h}, h = g − m (`sampler.mixing.LogRatio`): h, the tilted log-weights
+    and every sum in float64; with FLOAT32_WEIGHTS the weights by `_exp_float32`, the
+    magnitudes those of its rounding, and no θ mass or expm1 series (`_merged_moments`)."""
     entry = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
     point = entry % point_count
     row = point % rows
-    if SKIP_DONE:
-        if tl.load(done + row) != 0:
-            return
+    if tl.load(done + row) != 0:
+        return
     alpha = tl.load(points + point).to(tl.float64)
     if ESS:
         s = 2.0 * (entry // point_count) - alpha
@@ -293,29 +327,35 @@ def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv
         new_max = tl.maximum(running_max, tl.max(x, 0))
         shift = _guarded(new_max)
         scale = tl.exp(running_max - shift)
-        w = tl.exp(x - shift)
+        if FLOAT32_WEIGHTS:
+            w = _exp_float32(x - shift)
+        else:
+            w = tl.exp(x - shift)
         block_weight = tl.sum(w, 0)
         block_mean = tl.sum(w * h, 0) / tl.maximum(block_weight, 1e-300)
         block_m2 = tl.sum(w * (h - block_mean) * (h - block_mean), 0)
-        absolute_x = tl.where(inside, tl.abs(x), 0.0)
         weight = weight * scale
         m2 = m2 * scale
-        ratio_magnitude = ratio_magnitude * scale + tl.sum(w * tl.abs(h) * (1.0 + absolute_x), 0)
-        tilt_magnitude = tilt_magnitude * scale + tl.sum(w * absolute_x, 0)
         total = weight + block_weight
         share = block_weight / tl.maximum(total, 1e-300)
         delta = block_mean - mean
-        mean = mean + delta * share
+        new_mean = mean + delta * share
+        if not FLOAT32_WEIGHTS:
+            absolute_x = tl.where(inside, tl.abs(x), 0.0)
+            ratio_magnitude = ratio_magnitude * scale \
+                + tl.sum(w * tl.abs(h) * (1.0 + absolute_x), 0)
+            tilt_magnitude = tilt_magnitude * scale + tl.sum(w * absolute_x, 0)
+            exponent = s * h
+            base_weight = tl.exp(log_base)
+            series += tl.sum(tl.where(inside, base_weight * _expm1(exponent), 0.0), 0)
+            series_magnitude += tl.sum(tl.where(inside, base_weight * tl.abs(exponent) * (
+                1.0 + tl.abs(log_base)), 0.0), 0)
+            mass += tl.sum(base_weight, 0)
+        mean = new_mean
         m2 = m2 + block_m2 + delta * delta * weight * share
         weight = total
         running_max = new_max
-        base_weight = tl.exp(log_base)
-        exponent = s * h
-        series += tl.sum(tl.where(inside, base_weight * _expm1(exponent), 0.0), 0)
-        series_magnitude += tl.sum(tl.where(inside, base_weight * tl.abs(exponent) * (
-            1.0 + tl.abs(log_base)), 0.0), 0)
         largest_ratio = tl.maximum(largest_ratio, tl.max(tl.abs(h), 0))
-        mass += tl.sum(base_weight, 0)
     base = partials + (entry * chunks + chunk) * MOMENT_FIELDS
     tl.store(base + 0, running_max)
     tl.store(base + 1, weight)
@@ -330,10 +370,16 @@ def _moment_partials_kernel(teacher, theta, stride_t, stride_s, vocab, rows, inv
 
 
 @triton.jit
-def _merged_moments(partials, entry, chunks, slack, small_ratio, CHUNKS_P2: tl.constexpr):
+def _merged_moments(partials, entry, chunks, slack, small_ratio, FLOAT32_WEIGHTS: tl.constexpr,
+                    CHUNKS_P2: tl.constexpr):
     """(K(s), its rounding bound, E[h], Var[h], E[h]'s rounding bound) of one entry from its
     chunk partials: K(s) by log1p of the expm1 sum while |h| ≤ small_ratio, else by
-    logsumexp (`sampler.mixing.LogRatio.tilt`)."""
+    logsumexp (`sampler.mixing.LogRatio.tilt`). With FLOAT32_WEIGHTS (`slack` then per ε₃₂)
+    the bounds are those of the weights' relative rounding |δ| ≤ WEIGHT_ROUNDING·ε₃₂:
+    |ΔE[h]| ≤ E[|δ|·|h − E[h]|] ≤ max |δ|·√Var[h] and |Δ log Σw| ≤ max |δ|; K(s) comes
+    plus the log of θ's mass on the support (a constant of the row, which cancels in
+    K(−α) − K(2−α), the only use of K there); no expm1 series (its bound is infinite: rows
+    with every |h| ≤ small_ratio go to float64)."""
     offsets = tl.arange(0, CHUNKS_P2)
     mask = offsets < chunks
     base = partials + (entry * chunks + offsets) * MOMENT_FIELDS
@@ -349,17 +395,24 @@ def _merged_moments(partials, entry, chunks, slack, small_ratio, CHUNKS_P2: tl.c
     m2 = tl.sum(m2s * scale, 0) + tl.sum(scaled * (means - mean) * (means - mean), 0)
     log_norm = top + tl.log(total)
     ratio_magnitude = tl.sum(tl.load(base + 4, mask=mask, other=0.0) * scale, 0) / total
-    tilt_magnitude = tl.sum(tl.load(base + 5, mask=mask, other=0.0) * scale, 0) / total
-    mass = tl.sum(tl.load(base + 9, mask=mask, other=0.0), 0)
-    series = _log1p(tl.sum(tl.load(base + 6, mask=mask, other=0.0), 0) / mass)
-    series_noise = slack * (tl.abs(series)
-                            + tl.sum(tl.load(base + 7, mask=mask, other=0.0), 0) / mass)
-    direct = log_norm - tl.log(mass)
-    direct_noise = slack * (1.0 + tl.abs(direct) + tl.abs(log_norm) + tl.log(mass)
-                            + tilt_magnitude)
     small = tl.max(tl.load(base + 8, mask=mask, other=0.0), 0) <= small_ratio
-    return (tl.where(small, series, direct), tl.where(small, series_noise, direct_noise), mean,
-            m2 / total, slack * ratio_magnitude * (1.0 + tl.abs(log_norm)))
+    if FLOAT32_WEIGHTS:
+        cumulant = log_norm
+        cumulant_noise = tl.where(small, float("inf"), slack * WEIGHT_ROUNDING)
+        mean_noise = slack * WEIGHT_ROUNDING * tl.sqrt(m2 / total)
+    else:
+        tilt_magnitude = tl.sum(tl.load(base + 5, mask=mask, other=0.0) * scale, 0) / total
+        mass = tl.sum(tl.load(base + 9, mask=mask, other=0.0), 0)
+        series = _log1p(tl.sum(tl.load(base + 6, mask=mask, other=0.0), 0) / mass)
+        series_noise = slack * (tl.abs(series)
+                                + tl.sum(tl.load(base + 7, mask=mask, other=0.0), 0) / mass)
+        direct = log_norm - tl.log(mass)
+        direct_noise = slack * (1.0 + tl.abs(direct) + tl.abs(log_norm) + tl.log(mass)
+                                + tilt_magnitude)
+        cumulant = tl.where(small, series, direct)
+        cumulant_noise = tl.where(small, series_noise, direct_noise)
+        mean_noise = slack * ratio_magnitude * (1.0 + tl.abs(log_norm))
+    return cumulant, cumulant_noise, mean, m2 / total, mean_noise
 
 
 @triton.jit
@@ -367,7 +420,7 @@ def _shift_kernel(partials, chunks, slack, small_ratio, share, shift, shift_nois
                   CHUNKS_P2: tl.constexpr):
     """r = K(1) − κ per row, from a pass at tilt 1 (`share` holds κ): f = h − r."""
     row = tl.program_id(0)
-    cumulant, noise, _, _, _ = _merged_moments(partials, row, chunks, slack, small_ratio,
+    cumulant, noise, _, _, _ = _merged_moments(partials, row, chunks, slack, small_ratio, False,
                                                CHUNKS_P2)
     kappa = tl.load(share + row)
     tl.store(shift + row, cumulant - kappa)
@@ -376,36 +429,53 @@ def _shift_kernel(partials, chunks, slack, small_ratio, share, shift, shift_nois
 
 @triton.jit
 def _gap(partials, point, row, point_count, chunks, slack, small_ratio, shift, shift_noise,
-         ESS: tl.constexpr, CHUNKS_P2: tl.constexpr):
-    """(value, slope, rounding error) of the increasing equation at one point
-    (`sampler.mixing._kl_symmetry_gap`, `_ess_gap`)."""
+         ESS: tl.constexpr, FLOAT32_WEIGHTS: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """(value, slope, value's rounding error, slope's rounding error) of the increasing
+    equation at one point (`sampler.mixing._kl_symmetry_gap`, `_ess_gap`)."""
     r = tl.load(shift + row)
     r_noise = tl.load(shift_noise + row)
     k_low, k_low_noise, mean_low, variance, mean_noise = _merged_moments(
-        partials, point, chunks, slack, small_ratio, CHUNKS_P2)
+        partials, point, chunks, slack, small_ratio, FLOAT32_WEIGHTS, CHUNKS_P2)
     value = mean_low - r
     slope = variance
     noise = mean_noise + r_noise
+    slope_noise = tl.zeros_like(noise)
     if ESS:
-        k_high, k_high_noise, mean_high, _, _ = _merged_moments(
-            partials, point_count + point, chunks, slack, small_ratio, CHUNKS_P2)
+        k_high, k_high_noise, mean_high, _, mean_high_noise = _merged_moments(
+            partials, point_count + point, chunks, slack, small_ratio, FLOAT32_WEIGHTS,
+            CHUNKS_P2)
         value = k_low - k_high + 2.0 * r
         slope = mean_high - mean_low
         noise = k_low_noise + k_high_noise + 2.0 * r_noise
-    return value, slope, noise
+        slope_noise = mean_noise + mean_high_noise
+    return value, slope, noise, slope_noise
 
 
 @triton.jit
-def _bracket_start_kernel(partials, rows, chunks, lower, upper, agreed, slack, small_ratio,
-                          shift, shift_noise, alpha, low, high, done, ESS: tl.constexpr,
+def _resolved(noise, slope, slope_noise, tolerance):
+    """Whether a gap's rounding moves its root by at most `tolerance` (False for NaN)."""
+    return noise <= tolerance * (slope - slope_noise)
+
+
+@triton.jit
+def _bracket_start_kernel(partials, rows, chunks, lower, upper, agreed, tolerance, slack,
+                          small_ratio, shift, shift_noise, alpha, low, high, done, precise,
+                          ESS: tl.constexpr, FLOAT32_WEIGHTS: tl.constexpr,
                           CHUNKS_P2: tl.constexpr):
     """From the gaps at both ends: clamp to an end, take the identical-models α (`agreed`)
-    where neither end's sign is resolved, or start at the secant point."""
+    where neither end's sign is resolved, or start at the secant point. Rows already done
+    are left alone. With FLOAT32_WEIGHTS, `precise` marks the rows whose start the float32
+    rounding leaves unsettled: models that agree to it, an end taken on an unresolved
+    sign, no finite gap."""
     row = tl.program_id(0)
-    gap_low, _, noise_low = _gap(partials, row, row, 2 * rows, chunks, slack, small_ratio,
-                                 shift, shift_noise, ESS, CHUNKS_P2)
-    gap_high, _, noise_high = _gap(partials, rows + row, row, 2 * rows, chunks, slack,
-                                   small_ratio, shift, shift_noise, ESS, CHUNKS_P2)
+    if tl.load(done + row) != 0:
+        return
+    gap_low, slope_low, noise_low, slope_noise_low = _gap(
+        partials, row, row, 2 * rows, chunks, slack, small_ratio, shift, shift_noise, ESS,
+        FLOAT32_WEIGHTS, CHUNKS_P2)
+    gap_high, slope_high, noise_high, slope_noise_high = _gap(
+        partials, rows + row, row, 2 * rows, chunks, slack, small_ratio, shift, shift_noise,
+        ESS, FLOAT32_WEIGHTS, CHUNKS_P2)
     unsolvable = (gap_low != gap_low) | (gap_high != gap_high) | (tl.abs(gap_low) == float("inf")) \
         | (tl.abs(gap_high) == float("inf"))
     agree = (tl.abs(gap_low) <= noise_low) & (tl.abs(gap_high) <= noise_high)
@@ -418,26 +488,38 @@ def _bracket_start_kernel(partials, rows, chunks, lower, upper, agreed, slack, s
     tl.store(low + row, lower)
     tl.store(high + row, upper)
     tl.store(done + row, (at_low | at_high | agree | unsolvable).to(tl.int32))
+    if FLOAT32_WEIGHTS:
+        unsettled_low = at_low & (gap_low <= noise_low) & ~_resolved(
+            noise_low, slope_low, slope_noise_low, tolerance)
+        unsettled_high = at_high & (gap_high >= -noise_high) & ~_resolved(
+            noise_high, slope_high, slope_noise_high, tolerance)
+        tl.store(precise + row, tl.where(unsolvable | agree | unsettled_low | unsettled_high,
+                                         REDO_FROM_ENDS, 0))
 
 
 @triton.jit
 def _newton_update_kernel(partials, rows, chunks, tolerance, slack, small_ratio, shift,
-                          shift_noise, alpha, low, high, done, ESS: tl.constexpr,
-                          BISECT: tl.constexpr, CHUNKS_P2: tl.constexpr):
-    """One safeguarded Newton (or, with BISECT, bisection) step for each unfinished row."""
+                          shift_noise, alpha, low, high, done, precise, ESS: tl.constexpr,
+                          FLOAT32_WEIGHTS: tl.constexpr, BISECT: tl.constexpr,
+                          CHUNKS_P2: tl.constexpr):
+    """One safeguarded Newton (or, with BISECT, bisection) step for each unfinished row.
+    With FLOAT32_WEIGHTS a row that stops on a gap within its float32 rounding, where that
+    rounding could move α by more than `tolerance`, is marked in `precise` to be resumed in
+    float64 from its bracket (which only resolved signs narrowed)."""
     row = tl.program_id(0)
     if tl.load(done + row) != 0:
         return
-    value, slope, noise = _gap(partials, row, row, rows, chunks, slack, small_ratio, shift,
-                               shift_noise, ESS, CHUNKS_P2)
+    value, slope, noise, slope_noise = _gap(partials, row, row, rows, chunks, slack,
+                                            small_ratio, shift, shift_noise, ESS,
+                                            FLOAT32_WEIGHTS, CHUNKS_P2)
     current = tl.load(alpha + row).to(tl.float64)
-    high_now = tl.where(value > 0, current, tl.load(high + row).to(tl.float64))
-    low_now = tl.where(value > 0, tl.load(low + row).to(tl.float64), current)
+    in_noise = tl.abs(value) <= noise
+    high_now = tl.where((value > 0) & ~in_noise, current, tl.load(high + row).to(tl.float64))
+    low_now = tl.where((value > 0) | in_noise, tl.load(low + row).to(tl.float64), current)
     newton = current - value / tl.maximum(slope, 1e-300)
     proposal = 0.5 * (low_now + high_now)
     if not BISECT:
         proposal = tl.where((newton > low_now) & (newton < high_now), newton, proposal)
-    in_noise = tl.abs(value) <= noise
     unsolvable = value != value
     converged = (tl.abs(proposal - current) <= tolerance) | (high_now - low_now <= tolerance) \
         | in_noise | unsolvable
@@ -446,13 +528,17 @@ def _newton_update_kernel(partials, rows, chunks, tolerance, slack, small_ratio,
     tl.store(low + row, low_now.to(tl.float32))
     tl.store(high + row, high_now.to(tl.float32))
     tl.store(done + row, converged.to(tl.int32))
+    if FLOAT32_WEIGHTS:
+        unsettled = in_noise & ~_resolved(noise, slope, slope_noise, tolerance)
+        tl.store(precise + row, tl.where(unsolvable, REDO_FROM_ENDS,
+                                         tl.where(unsettled, REDO_FROM_BRACKET, 0)))
 
 
 @triton.jit
-def _exponential_noise(seed, offsets):
+def _exponential_noise(key, offsets):
     """E ~ Exp(1) per offset, as −log(1 − u) with u from 62 random bits: resolved to 2⁻⁶²
     near 0 (where E decides which unlikely token wins), u capped below 1 (E ≤ 16.6)."""
-    high, low, _, _ = tl.rand4x(seed, offsets)
+    high, low, _, _ = tl.rand4x(key, offsets)
     u = tl.minimum(high + (low + TWO_TO_MINUS_32) * TWO_TO_MINUS_31, BELOW_ONE)
     series = u * (1.0 + u * (0.5 + u * (1.0 / 3.0)))
     return tl.where(u < SERIES_BELOW, series, -tl.log(1.0 - u))
@@ -460,18 +546,18 @@ def _exponential_noise(seed, offsets):
 
 @triton.jit
 def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_temperature, norm_t,
-                          norm_s, alpha, ranks, seed_ptr, scores, tokens, sums,
+                          norm_s, alpha, draw_keys, scores, tokens, sums,
                           CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The seed is read from the device (`seed_ptr`: [1] int64), so a CUDA graph of the step
-    can be replayed with each step's seed."""
+    """The noise of (row, token) is Philox keyed by the row's int64 key (`tl.rand4x` splits
+    its 64 bits into Philox's two 32-bit keys) at counter = the token id; the keys are read
+    from the device, so a CUDA graph of the step can be replayed with each step's keys."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    seed = tl.load(seed_ptr)
+    key = tl.load(draw_keys + row)
     norm_teacher = tl.load(norm_t + row)
     norm_theta = tl.load(norm_s + row)
     a = tl.load(alpha + row)
-    rank = tl.load(ranks + row)
     best_score = tl.full([], float("-inf"), tl.float32)
     best_token = tl.zeros([], tl.int32)
     running_max = tl.full([], float("-inf"), tl.float32)
@@ -483,7 +569,7 @@ def _draw_partials_kernel(teacher, theta, stride_t, stride_s, vocab, inv_tempera
                                              cols < vocab, inv_temperature, norm_teacher,
                                              norm_theta)
         x = tl.where(inside, (1.0 - a) * ls + a * lt, float("-inf"))
-        score = x - tl.log(_exponential_noise(seed, rank * vocab + cols))
+        score = x - tl.log(_exponential_noise(key, cols))
         block_best = tl.max(score, 0)
         block_token = tl.argmax(score, 0).to(tl.int32) + start
         better = block_best > best_score
@@ -555,18 +641,31 @@ def bisection_steps(lower: float, upper: float, tolerance: float) -> int:
 def solve_alpha(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperature: float,
                 method: str, lower: float, upper: float, tolerance: float, slack: float,
                 small_ratio: float, agreed: float) -> torch.Tensor:
-    """α per row for `kl_symmetry` or `ess_balance`, clamped to [lower, upper]; `agreed`
+    """α per row (`solve_alpha_in_tiers`)."""
+    return solve_alpha_in_tiers(teacher, theta, vocab_size, temperature, method, lower, upper,
+                                tolerance, slack, small_ratio, agreed)[0]
+
+
+def solve_alpha_in_tiers(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int,
+                         temperature: float, method: str, lower: float, upper: float,
+                         tolerance: float, slack: float, small_ratio: float, agreed: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """α per row, and per row the float32 schedule's mark: 0 where it settled the row, else
+    `REDO_FROM_ENDS` or `REDO_FROM_BRACKET` (the float64 schedule took it over).
+
+    α per row for `kl_symmetry` or `ess_balance`, clamped to [lower, upper]; `agreed`
     (the identical-models α) where the gap's sign is not resolved at either end.
 
     A row stops when its step is below `tolerance`, its bracket is narrower than that, or its
     gap is below `slack` times the magnitude of the terms it is computed from (rounding
-    noise). Float64 per token, as `sampler.mixing.LogRatio` says why.
+    noise). The schedule runs with float32 weights, then again with float64 ones for the
+    rows it left unsettled (module docstring); every launch has a fixed grid.
     """
     rows, device = teacher.shape[0], teacher.device
     if lower == upper:
-        return torch.full((rows,), lower, device=device)
+        return (torch.full((rows,), lower, device=device),
+                torch.zeros(rows, device=device, dtype=torch.int32))
     ess = method == "ess_balance"
-    tilts = 2 if ess else 1
     chunks, chunks_p2 = _chunks(vocab_size)
     centre_partials = torch.empty(rows, chunks, CENTRE_FIELDS.value, device=device,
                                   dtype=torch.float64)
@@ -580,41 +679,91 @@ def solve_alpha(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, tem
     alpha = torch.empty(rows, device=device, dtype=torch.float32)
     low, high = torch.empty_like(alpha), torch.empty_like(alpha)
     done = torch.zeros(rows, device=device, dtype=torch.int32)
-    partials = torch.empty(2 * tilts * rows, chunks, MOMENT_FIELDS.value, device=device,
-                           dtype=torch.float64)
+    precise = torch.zeros_like(done)
+    partials = torch.empty(2 * (2 if ess else 1) * rows, chunks, MOMENT_FIELDS.value,
+                           device=device, dtype=torch.float64)
     common = (teacher, theta, teacher.stride(0), theta.stride(0), vocab_size, rows,
               1.0 / temperature, mode, centre)
-    constants = dict(CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
     _moment_partials_kernel[(rows, chunks)](
-        *common, torch.ones_like(alpha), rows, done, partials, ESS=False, SKIP_DONE=False,
-        **constants)
+        *common, torch.ones_like(alpha), rows, done, partials, ESS=False, FLOAT32_WEIGHTS=False,
+        CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
     _shift_kernel[(rows,)](partials, chunks, slack, small_ratio, share, shift, shift_noise,
                            CHUNKS_P2=chunks_p2)
-    ends = torch.full((2 * rows,), lower, device=device, dtype=torch.float32)
-    ends[rows:] = upper
-    _moment_partials_kernel[(2 * tilts * rows, chunks)](
-        *common, ends, 2 * rows, done, partials, ESS=ess, SKIP_DONE=False, **constants)
-    solver = (slack, small_ratio, shift, shift_noise, alpha, low, high, done)
-    _bracket_start_kernel[(rows,)](partials, rows, chunks, lower, upper, agreed, *solver,
-                                   ESS=ess, CHUNKS_P2=chunks_p2)
-    for step in range(NEWTON_STEPS + bisection_steps(lower, upper, tolerance)):
-        _moment_partials_kernel[(tilts * rows, chunks)](
-            *common, alpha, rows, done, partials, ESS=ess, SKIP_DONE=True, **constants)
-        _newton_update_kernel[(rows,)](partials, rows, chunks, tolerance, *solver, ESS=ess,
-                                       BISECT=step >= NEWTON_STEPS, CHUNKS_P2=chunks_p2)
-    return alpha
+    schedule = _Schedule(common, partials, ess, lower, upper, agreed, tolerance, small_ratio,
+                         shift, shift_noise, alpha, low, high, done, precise)
+    schedule.start(FLOAT32_SLACK, float32_weights=True)
+    schedule.iterate(FLOAT32_SLACK, float32_weights=True)
+    done.copy_(precise != REDO_FROM_ENDS.value)
+    schedule.start(slack, float32_weights=False)
+    done.masked_fill_(precise == REDO_FROM_BRACKET.value, 0)
+    schedule.iterate(slack, float32_weights=False)
+    return alpha, precise
+
+
+@dataclass
+class _Schedule:
+    """The solver's fixed launch schedule over the rows whose `done` is 0: both ends, then
+    `NEWTON_STEPS` Newton passes and enough bisection passes for any bracket."""
+
+    common: tuple
+    partials: torch.Tensor
+    ess: bool
+    lower: float
+    upper: float
+    agreed: float
+    tolerance: float
+    small_ratio: float
+    shift: torch.Tensor
+    shift_noise: torch.Tensor
+    alpha: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    done: torch.Tensor
+    precise: torch.Tensor
+
+    def start(self, slack: float, float32_weights: bool) -> None:
+        """Both ends' gaps, then each row's clamp or starting point."""
+        rows, chunks, chunks_p2, tilts = self._sizes()
+        ends = torch.full((2 * rows,), self.lower, device=self.alpha.device,
+                          dtype=torch.float32)
+        ends[rows:] = self.upper
+        _moment_partials_kernel[(2 * tilts * rows, chunks)](
+            *self.common, ends, 2 * rows, self.done, self.partials, ESS=self.ess,
+            FLOAT32_WEIGHTS=float32_weights, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
+        _bracket_start_kernel[(rows,)](self.partials, rows, chunks, self.lower, self.upper,
+                                       self.agreed, *self._solver(slack), ESS=self.ess,
+                                       FLOAT32_WEIGHTS=float32_weights, CHUNKS_P2=chunks_p2)
+
+    def iterate(self, slack: float, float32_weights: bool) -> None:
+        """The Newton passes, then the bisection passes."""
+        rows, chunks, chunks_p2, tilts = self._sizes()
+        for step in range(NEWTON_STEPS + bisection_steps(self.lower, self.upper,
+                                                         self.tolerance)):
+            _moment_partials_kernel[(tilts * rows, chunks)](
+                *self.common, self.alpha, rows, self.done, self.partials, ESS=self.ess,
+                FLOAT32_WEIGHTS=float32_weights, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
+            _newton_update_kernel[(rows,)](self.partials, rows, chunks, *self._solver(slack),
+                                           ESS=self.ess, FLOAT32_WEIGHTS=float32_weights,
+                                           BISECT=step >= NEWTON_STEPS, CHUNKS_P2=chunks_p2)
+
+    def _sizes(self) -> tuple[int, int, int, int]:
+        chunks = self.partials.shape[1]
+        return (self.alpha.shape[0], chunks, max(2, triton.next_power_of_2(chunks)),
+                2 if self.ess else 1)
+
+    def _solver(self, slack: float) -> tuple:
+        return (self.tolerance, slack, self.small_ratio, self.shift, self.shift_noise,
+                self.alpha, self.low, self.high, self.done, self.precise)
 
 
 def draw(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperature: float,
-         norms: tuple[torch.Tensor, torch.Tensor], alpha: torch.Tensor, ranks: torch.Tensor,
-         seed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+         norms: tuple[torch.Tensor, torch.Tensor], alpha: torch.Tensor,
+         draw_keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One token per row from q_α (Gumbel-max): (token ids, log q(y), log t(y), log θ(y)).
 
-    `seed`: an int, or a [1] int64 device tensor holding it (what a captured graph reads).
+    `draw_keys`: [rows] int64 on the device, row i's noise keyed by draw_keys[i] alone.
     """
     rows, device = teacher.shape[0], teacher.device
-    if not isinstance(seed, torch.Tensor):
-        seed = torch.full((1,), seed, device=device, dtype=torch.int64)
     chunks, chunks_p2 = _chunks(vocab_size)
     scores = torch.empty(rows, chunks, device=device, dtype=torch.float32)
     chunk_tokens = torch.empty(rows, chunks, device=device, dtype=torch.int32)
@@ -622,7 +771,7 @@ def draw(teacher: torch.Tensor, theta: torch.Tensor, vocab_size: int, temperatur
     alpha = alpha.float().contiguous()
     _draw_partials_kernel[(rows, chunks)](
         teacher, theta, teacher.stride(0), theta.stride(0), vocab_size, 1.0 / temperature,
-        norms[0], norms[1], alpha, ranks.to(torch.int32).contiguous(), seed, scores,
+        norms[0], norms[1], alpha, draw_keys.to(torch.int64).contiguous(), scores,
         chunk_tokens, sums, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK)
     tokens = torch.empty(rows, device=device, dtype=torch.int32)
     log_q, log_t, log_s = (torch.empty(rows, device=device, dtype=torch.float32)

@@ -1,14 +1,40 @@
 """Two vLLM engines stepped together, one jointly drawn token per sequence and step.
 
 A step has two halves. Launch: admit queued pairs into both engines only while both can take
-them whole (sequence slots, token budget for an unchunked prefill, KV blocks reserved for the
-pair's full length), so neither scheduler chunks, delays or preempts one of them; schedule the
-teacher and launch its forward pass; schedule theta, check both engines scheduled the same
-pairs the same way, and launch its forward pass; align theta's rows to the teacher's, compute
-q and draw one token per pair (randomness fixed by a per-step seed and each pair's rank in
-pair order); let each engine sample with every logit but the drawn token masked. Retire: hand
-each engine its output (finished pairs release their reservations), check that both appended
-the drawn tokens and finished the same pairs, and record the step.
+them this step (sequence slots, token budget for an unchunked prefill, KV blocks), so neither
+scheduler chunks, delays or preempts one of them; schedule the teacher and launch its forward
+pass; schedule theta, check both engines scheduled the same pairs the same way, and launch its
+forward pass; align theta's rows to the teacher's, compute q and draw one token per pair; let
+each engine sample with every logit but the drawn token masked. Retire: hand each engine its
+output (finished pairs free their KV blocks), check that both appended the drawn tokens and
+finished the same pairs, and record the step.
+
+KV blocks on actual use, as vLLM's own scheduler holds them: a pair holds blocks for its
+current length (prompt + tokens drawn) in each engine, tracked for every pair of the call in
+numpy arrays. A queued pair is admitted while both engines have blocks for every active
+pair's length plus one token (the next step) plus a watermark of `KV_WATERMARK` of the
+blocks, waived for a pair admitted alone. Before a step is scheduled, if either engine would
+run short, the lockstep preempts the most recently admitted pairs (first admission; a
+resumed pair keeps its place) in BOTH engines at once (aborts them), requeues them at the
+front, and later resumes each by adding prompt + the tokens recorded so far as the prompt of
+a new request in both engines, max_tokens reduced by as many: no recorded token is drawn
+again and the pair's records continue where they stopped. Neither engine ever preempts on
+its own, so every lockstep check holds at every step. A pair preempted while a step is in
+flight (every preemption: the step before is always launched) loses that step's draw: both
+engines drop its output and it is not recorded; the resumed pair draws that position again,
+with the same key. A resumed pair's requests get a new id (`pair-<index>-<n>`), so the
+output of its aborted request in the step in flight can never reach them. A resumed prompt
+is prefilled unchunked like any other: `capacity_error` refuses a request whose prompt +
+max_tokens − 1 exceeds max_num_batched_tokens (vLLM already refuses engines whose
+max_num_batched_tokens is below max_model_len when chunked prefill is off, as here).
+
+A request longer than either context gets max_tokens capped to the room left in both (it
+ends with "length" in both engines at once); a prompt that leaves no room is refused with
+`ConfigError` naming the row, before any engine sees the call.
+
+Draws keyed by identity: a pair's token at position j is drawn with the key
+`sampler.mixing.draw_keys(seed, pair key, j)`, so a row's tokens do not depend on the step,
+the batch, admission order, preemption or the card (up to the logits themselves).
 
 The halves are ordered to keep the device busy:
 
@@ -42,6 +68,7 @@ which vLLM would refuse anyway with a message that hides the cause. Build a new 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -56,23 +83,37 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sampler.errors import BrokenPairError, IncompatibleModelsError, LockstepError, MixingError
-from sampler.mixing import (TRACE_COLUMNS, GraphedMixing, MixedDraw, MixingConfig, mix_and_draw,
-                            unmixable_rows)
+from sampler import soft_targets
+from sampler.errors import (BrokenPairError, ConfigError, IncompatibleModelsError, LockstepError,
+                            MixingError)
+from sampler.mixing import (TRACE_COLUMNS, GraphedMixing, MixedDraw, MixingConfig, draw_keys,
+                            mix_and_draw, unmixable_rows)
 from sampler.placement import Engine, on_tensor_parallel_workers, place_engine
 from sampler.vllm_internals import StepResult
 
 logger = logging.getLogger(__name__)
 
+#: Share of an engine's KV blocks kept free when admitting beside other pairs: room for the
+#: active pairs to grow for a while (at 256 pairs of 16-token blocks, 1% of a 1.1 M-token
+#: cache is ~44 steps), so that a pair just admitted is not preempted a few steps later and
+#: its prefill wasted. vLLM V0's default watermark.
+KV_WATERMARK = 0.01
+
 
 @dataclass(frozen=True)
 class PairRequest:
-    """One sequence to generate: the caller's row index and both models' prompt ids."""
+    """One sequence to generate: the caller's row index, both models' prompt ids, and the
+    row's own draw key (a stable hash of the row's identity; None: the index)."""
 
     index: int
     teacher_prompt_ids: list[int]
     theta_prompt_ids: list[int]
     max_tokens: int
+    key: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            object.__setattr__(self, "key", self.index)
 
 
 @dataclass
@@ -86,6 +127,10 @@ class PairTrace:
         """One per-token column, by its `TRACE_COLUMNS` name."""
         return self.columns[:, TRACE_COLUMNS.index(name)]
 
+    def soft_targets(self, k: int) -> dict[str, np.ndarray]:
+        """The `sampler.soft_targets` columns of a call with `top_logprobs=k`."""
+        return soft_targets.split_soft_targets(self.columns[:, len(TRACE_COLUMNS):], k)
+
 
 @dataclass
 class _StepLog:
@@ -97,6 +142,17 @@ class _StepLog:
     def add(self, pair_indices: np.ndarray, values: np.ndarray) -> None:
         self.pair_indices.append(pair_indices)
         self.values.append(values)
+
+    def token_ids(self, pair_index: int) -> list[int]:
+        """The tokens recorded so far for one pair, in order (to resume it). The parts
+        are joined into one, so that the next resume concatenates only what came since."""
+        if not self.values:
+            return []
+        if len(self.values) > 1:
+            self.pair_indices = [np.concatenate(self.pair_indices)]
+            self.values = [np.concatenate(self.values)]
+        mine = self.pair_indices[0] == pair_index
+        return self.values[0][mine, 0].astype(np.int64).tolist()
 
     def traces(self, finish_reasons: dict[int, str]) -> dict[int, PairTrace]:
         if not self.values:
@@ -115,7 +171,6 @@ class Alignment(NamedTuple):
     """How one step's logit rows of the two engines correspond."""
 
     pair_indices: np.ndarray                 # [rows] pair index of each teacher row
-    ranks: torch.Tensor                      # [rows] each teacher row's rank in pair order
     theta_for_teacher: torch.Tensor | None   # [rows] theta row of each teacher row; None: alike
     teacher_for_theta: torch.Tensor | None   # [rows] the inverse permutation; None: alike
     row_position: dict[str, int]             # request id → teacher row
@@ -140,17 +195,61 @@ class _HostCopy:
         return self._host.numpy()
 
 
+class _PairTable:
+    """Every pair of a call, one numpy array per quantity, indexed by slot (the request's
+    position in the call): what admission, preemption and the draw keys need, updated a
+    whole step at a time."""
+
+    def __init__(self, requests: list[PairRequest]):
+        self.requests = requests
+        indices = np.array([request.index for request in requests], dtype=np.int64)
+        self._order = np.argsort(indices, kind="stable")
+        self._sorted = indices[self._order]
+        if np.any(self._sorted[1:] == self._sorted[:-1]):
+            duplicate = int(self._sorted[1:][self._sorted[1:] == self._sorted[:-1]][0])
+            raise ConfigError(f"row {duplicate}: two requests share the index {duplicate}")
+        self.keys = np.array([request.key for request in requests], dtype=np.int64)
+        self.prompt = {"teacher": np.array([len(r.teacher_prompt_ids) for r in requests],
+                                           dtype=np.int64),
+                       "theta": np.array([len(r.theta_prompt_ids) for r in requests],
+                                         dtype=np.int64)}
+        #: Tokens drawn so far (the step in flight included), and of them recorded.
+        self.drawn = np.zeros(len(requests), dtype=np.int64)
+        self.recorded = np.zeros(len(requests), dtype=np.int64)
+        #: Order of first admission (-1: never admitted); whether in the engines now.
+        self.admitted_at = np.full(len(requests), -1, dtype=np.int64)
+        self.active = np.zeros(len(requests), dtype=bool)
+        self.resumes = np.zeros(len(requests), dtype=np.int64)
+
+    def request_id(self, slot: int) -> str:
+        """The engines' id of a slot's current request."""
+        index, resumes = self.requests[slot].index, int(self.resumes[slot])
+        return f"pair-{index}" if not resumes else f"pair-{index}-{resumes}"
+
+    def slots(self, pair_indices: np.ndarray) -> np.ndarray:
+        return self._order[np.searchsorted(self._sorted, pair_indices)]
+
+    def blocks(self, role: str, slots: np.ndarray, block_size: int, ahead: int = 0
+               ) -> np.ndarray:
+        """KV blocks each pair holds in an engine at its next step (`ahead` tokens more)."""
+        return -(-(self.prompt[role][slots] + self.drawn[slots] + ahead) // block_size)
+
+
 @dataclass
 class _Run:
     """The state of one `generate` call."""
 
-    queue: deque[PairRequest]
+    pairs: _PairTable
+    queue: deque[int]
     stop_token_ids: list[int]
     progress: tqdm
+    config: MixingConfig
+    seed: int
+    top_logprobs: int
     active: dict[str, PairRequest] = field(default_factory=dict)
-    reserved: dict[str, int] = field(default_factory=lambda: {"teacher": 0, "theta": 0})
     finish_reasons: dict[int, str] = field(default_factory=dict)
     log: _StepLog = field(default_factory=_StepLog)
+    admissions: int = 0
     steps: int = 0
 
 
@@ -167,6 +266,7 @@ class _Step:
     has_logits: bool = False
     rows: tuple[str, ...] = ()
     alignment: Alignment | None = None
+    slots: np.ndarray | None = None
     values: _HostCopy | None = None
 
 
@@ -180,21 +280,12 @@ def _check_mixable(step: int, pair_indices: np.ndarray, values: np.ndarray) -> N
             "give no token a non-zero probability together, or a logit is NaN")
 
 
-def step_seed(seed: int, step: int) -> int:
-    """A distinct 31-bit seed for each step of a call (Triton's RNG takes 32-bit seeds)."""
-    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**31 - 1)
-
-
 def _to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
     """Integer indices on the device, copied without making the host wait for the device."""
     tensor = torch.as_tensor(values, dtype=torch.long)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def _request_id(index: int) -> str:
-    return f"pair-{index}"
 
 
 class LockstepPair:
@@ -214,6 +305,8 @@ class LockstepPair:
         self.overlapped = teacher.overlaps_steps
         self.tokens_checked = 0
         self.steps_run = 0
+        #: Pairs preempted (in both engines) and resumed, over every call.
+        self.preemptions = 0
         self.phase_seconds: dict[str, float] | None = None
         self._synchronise_phases = True
         self._cached_alignment: tuple[tuple, Alignment] | None = None
@@ -300,45 +393,89 @@ class LockstepPair:
             torch.cuda.synchronize(device)
         self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def blocks_needed(self, engine: Engine, prompt_length: int, max_tokens: int) -> int:
-        return math.ceil((prompt_length + max_tokens) / engine.block_size)
+    @staticmethod
+    def usable_blocks(engine: Engine) -> int:
+        """KV blocks an engine can give requests (vLLM keeps one back as its null block)."""
+        return engine.num_kv_blocks - 1
 
     def capacity_error(self, request: PairRequest) -> str | None:
-        """Why this pair can never be admitted, even alone; None if it can."""
+        """Why this pair can never run to its end, even alone; None if it can."""
         for role, engine, prompt in (("teacher", self.teacher, request.teacher_prompt_ids),
                                      ("theta", self.theta, request.theta_prompt_ids)):
-            blocks = self.blocks_needed(engine, len(prompt), request.max_tokens)
-            if blocks > engine.num_kv_blocks:
+            length = len(prompt) + request.max_tokens
+            blocks = math.ceil(length / engine.block_size)
+            if blocks > self.usable_blocks(engine):
                 return (f"{role} needs {blocks} KV-cache blocks for a {len(prompt)}-token prompt "
                         f"plus {request.max_tokens} new tokens; the engine has "
-                        f"{engine.num_kv_blocks}")
-            if len(prompt) > engine.max_batched_tokens:
-                return (f"{role} prompt of {len(prompt)} tokens exceeds the engine's "
-                        f"max_num_batched_tokens ({engine.max_batched_tokens})")
+                        f"{self.usable_blocks(engine)}")
+            if length - 1 > engine.max_batched_tokens:
+                return (f"{role} prompt of {len(prompt)} tokens plus {request.max_tokens - 1} "
+                        f"drawn before a preemption ({length - 1} tokens to resume unchunked) "
+                        f"exceeds the engine's max_num_batched_tokens "
+                        f"({engine.max_batched_tokens})")
         return None
 
+    def _checked_requests(self, requests: list[PairRequest]) -> list[PairRequest]:
+        """Each request with max_tokens capped to the room in both contexts; `ConfigError`
+        naming the row, the engine and the numbers for one that cannot run. Before any
+        engine sees a request."""
+        checked = []
+        for request in requests:
+            room = {}
+            for role, engine, prompt in (
+                    ("teacher", self.teacher, request.teacher_prompt_ids),
+                    ("theta", self.theta, request.theta_prompt_ids)):
+                if not prompt:
+                    raise ConfigError(f"row {request.index}: {role} prompt is empty")
+                room[role] = engine.max_model_len - len(prompt)
+                if room[role] < 1:
+                    raise ConfigError(
+                        f"row {request.index}: {role} prompt has {len(prompt)} tokens; the "
+                        f"{role} context is {engine.max_model_len} tokens, leaving no room "
+                        "to generate")
+            if request.max_tokens < 1:
+                raise ConfigError(f"row {request.index}: max_tokens {request.max_tokens} must "
+                                  "be at least 1")
+            capped = min(request.max_tokens, *room.values())
+            if capped < request.max_tokens:
+                logger.info("row %d: max_tokens %d capped to %d, the room left in the %s context",
+                            request.index, request.max_tokens, capped, min(room, key=room.get))
+                request = dataclasses.replace(request, max_tokens=capped)
+            problem = self.capacity_error(request)
+            if problem:
+                raise ConfigError(f"row {request.index}: {problem}")
+            checked.append(request)
+        return checked
+
     def generate(self, requests: list[PairRequest], config: MixingConfig, seed: int,
-                 show_progress: bool = True, stop_token_ids: list[int] | None = None
-                 ) -> dict[int, PairTrace]:
+                 show_progress: bool = True, stop_token_ids: list[int] | None = None,
+                 top_logprobs: int = 0) -> dict[int, PairTrace]:
         """Generate every request; returns traces keyed by request index.
 
+        A request longer than either context gets max_tokens capped to the room in both (it
+        finishes with "length"); one whose prompt leaves no room, or that cannot run even
+        alone, is refused with `ConfigError` naming the row before any engine sees it.
         `stop_token_ids` replaces the pair's stop tokens for this call ([] ignores EOS).
+        `top_logprobs` > 0 appends each model's k most likely tokens to every record
+        (`PairTrace.soft_targets`).
         """
         if self.failure is not None:
             raise BrokenPairError(
                 f"this engine pair failed in an earlier call ({type(self.failure).__name__}: "
                 f"{self.failure}) and may hold a half-finished step; build a new pair")
-        run = _Run(queue=deque(requests),
+        requests = self._checked_requests(requests)
+        run = _Run(pairs=_PairTable(requests), queue=deque(range(len(requests))),
                    stop_token_ids=self.stop_token_ids if stop_token_ids is None
                    else stop_token_ids,
                    progress=tqdm(total=len(requests), desc="mixed sampling", unit="seq",
-                                 disable=not show_progress))
+                                 disable=not show_progress),
+                   config=config, seed=seed, top_logprobs=top_logprobs)
         in_flight: _Step | None = None
         try:
             while True:
+                self._preempt_if_short(run)
                 if self.overlapped:
-                    step = self._launch(run, config, seed, in_flight) \
-                        if run.queue or run.active else None
+                    step = self._launch(run, in_flight) if run.queue or run.active else None
                     if in_flight is not None:
                         if step is None:
                             self._begin_updates(in_flight)
@@ -350,7 +487,7 @@ class LockstepPair:
                     if in_flight is not None:
                         self._retire_theta(in_flight, teacher_result, run)
                     if step is not None:
-                        self._launch_theta(step, config, seed)
+                        self._launch_theta(step, run)
                 if step is None and in_flight is None:
                     break
                 in_flight = step
@@ -362,12 +499,11 @@ class LockstepPair:
             run.progress.close()
         return run.log.traces(run.finish_reasons)
 
-    def _launch(self, run: _Run, config: MixingConfig, seed: int,
-                retiring: _Step | None) -> _Step:
+    def _launch(self, run: _Run, retiring: _Step | None) -> _Step:
         """The whole launch half of a step (overlapped order); `retiring` is the step before,
         whose update an engine process is sent straight after this step's schedule."""
         step = self._launch_teacher(run, retiring)
-        self._launch_theta(step, config, seed)
+        self._launch_theta(step, run)
         return step
 
     def _begin_updates(self, step: _Step) -> None:
@@ -394,7 +530,7 @@ class LockstepPair:
         self.steps_run += 1
         return step
 
-    def _launch_theta(self, step: _Step, config: MixingConfig, seed: int) -> None:
+    def _launch_theta(self, step: _Step, run: _Run) -> None:
         """Schedule theta, check it matches the teacher, launch its forward pass, mix and force."""
         with self._phase("theta_host"):
             self._check_schedules(step.teacher_plan, step.theta_plan, step.admitted)
@@ -403,18 +539,15 @@ class LockstepPair:
         if step.has_logits != (step.theta_output is None):
             raise LockstepError(f"step {step.number}: only one engine produced logits")
         if step.has_logits:
-            self._mix_and_force(step, config, step_seed(seed, step.number))
+            self._mix_and_force(step, run)
 
     def _retire_teacher(self, step: _Step, run: _Run) -> StepResult:
-        """Give the teacher its output; finished pairs release their KV reservations."""
+        """Give the teacher its output; finished pairs leave the active set."""
         with self._phase("teacher_host"):
             result = self.teacher.update(step.teacher_plan, step.teacher_output)
             for request_id, reason in result.finish_reasons.items():
                 request = run.active.pop(request_id)
-                run.reserved["teacher"] -= self.blocks_needed(
-                    self.teacher, len(request.teacher_prompt_ids), request.max_tokens)
-                run.reserved["theta"] -= self.blocks_needed(
-                    self.theta, len(request.theta_prompt_ids), request.max_tokens)
+                run.pairs.active[run.pairs.slots(np.array([request.index]))] = False
                 run.finish_reasons[request.index] = reason
         return result
 
@@ -428,33 +561,93 @@ class LockstepPair:
                 pair_indices = step.alignment.pair_indices
                 _check_mixable(step.number, pair_indices[appended], values[appended])
                 run.log.add(pair_indices[appended], values[appended])
+                run.pairs.recorded[step.slots[appended]] += 1
             run.progress.update(len(teacher_result.finish_reasons))
 
+    def _active_slots(self, run: _Run) -> np.ndarray:
+        """Slots of the pairs in the engines, first admitted first."""
+        slots = np.flatnonzero(run.pairs.active)
+        return slots[np.argsort(run.pairs.admitted_at[slots], kind="stable")]
+
+    def _preempt_if_short(self, run: _Run) -> None:
+        """Before a step is scheduled: if either engine lacks the blocks that every active
+        pair needs at it, abort the most recently admitted pairs in both engines and requeue
+        them at the front (resumed by `_admit`). Counts the pairs finishing at the step in
+        flight too (an engine frees their blocks only when it is updated)."""
+        slots = self._active_slots(run)
+        if not slots.size:
+            return
+        fits = np.ones(slots.size, dtype=bool)
+        for role, engine in (("teacher", self.teacher), ("theta", self.theta)):
+            held = np.cumsum(run.pairs.blocks(role, slots, engine.block_size))
+            fits &= held <= self.usable_blocks(engine)
+        if fits.all():
+            return
+        victims = slots[~fits]
+        request_ids = [run.pairs.request_id(slot) for slot in victims.tolist()]
+        for engine in (self.teacher, self.theta):
+            engine.abort(request_ids)
+        for request_id in request_ids:
+            del run.active[request_id]
+        run.pairs.active[victims] = False
+        run.pairs.drawn[victims] = run.pairs.recorded[victims]
+        run.pairs.resumes[victims] += 1
+        run.queue.extendleft(victims[::-1].tolist())
+        self.preemptions += victims.size
+        logger.info("step %d: KV cache short; preempted %d pairs in both engines (%s)",
+                    run.steps, victims.size, ", ".join(request_ids))
+
+    def _resumable(self, run: _Run, slot: int) -> PairRequest:
+        """The engines' request for a slot: the caller's, or for a pair preempted after
+        drawing r tokens, prompt + those tokens with max_tokens reduced by r."""
+        request = run.pairs.requests[slot]
+        recorded = int(run.pairs.recorded[slot])
+        if not recorded:
+            return request
+        tokens = run.log.token_ids(request.index)
+        if len(tokens) != recorded:
+            raise LockstepError(f"pair {request.index}: {len(tokens)} tokens logged, "
+                                f"{recorded} recorded")
+        return dataclasses.replace(request, teacher_prompt_ids=request.teacher_prompt_ids + tokens,
+                                   theta_prompt_ids=request.theta_prompt_ids + tokens,
+                                   max_tokens=request.max_tokens - recorded)
+
     def _admit(self, run: _Run) -> dict[str, PairRequest]:
-        """Add queued pairs to both engines while both can run them whole from this step."""
-        queue, active, reserved = run.queue, run.active, run.reserved
+        """Add queued pairs to both engines while both have sequence slots, token budget
+        for an unchunked prefill, and KV blocks (module docstring) for them from this step."""
+        pairs, queue, active = run.pairs, run.queue, run.active
         admitted: dict[str, PairRequest] = {}
         prefill = {"teacher": 0, "theta": 0}
         engines = {"teacher": self.teacher, "theta": self.theta}
+        slots = np.flatnonzero(pairs.active)
+        held = {role: int(pairs.blocks(role, slots, engine.block_size, ahead=1).sum())
+                for role, engine in engines.items()}
         while queue and len(active) < self.max_active:
-            request = queue[0]
+            slot = queue[0]
+            request = self._resumable(run, slot)
             prompts = {"teacher": request.teacher_prompt_ids, "theta": request.theta_prompt_ids}
+            needs = {role: math.ceil((len(prompts[role]) + 1) / engine.block_size)
+                     for role, engine in engines.items()}
             fits = all(
-                reserved[role] + self.blocks_needed(engine, len(prompts[role]),
-                                                    request.max_tokens) <= engine.num_kv_blocks
+                held[role] + needs[role]
+                + (math.ceil(KV_WATERMARK * engine.num_kv_blocks) if active else 0)
+                <= self.usable_blocks(engine)
                 and (len(active) - len(admitted)) + prefill[role] + len(prompts[role])
                 <= engine.max_batched_tokens
                 for role, engine in engines.items())
             if not fits:
                 break
             queue.popleft()
-            request_id = _request_id(request.index)
+            request_id = pairs.request_id(slot)
             for role, engine in engines.items():
                 engine.add_request(request_id, prompts[role], request.max_tokens,
                                    run.stop_token_ids)
-                reserved[role] += self.blocks_needed(engine, len(prompts[role]),
-                                                     request.max_tokens)
+                held[role] += needs[role]
                 prefill[role] += len(prompts[role])
+            if pairs.admitted_at[slot] < 0:
+                pairs.admitted_at[slot] = run.admissions
+                run.admissions += 1
+            pairs.active[slot] = True
             active[request_id] = request
             admitted[request_id] = request
         if not active and queue:
@@ -489,15 +682,24 @@ class LockstepPair:
         if problems:
             raise LockstepError("engines scheduled different work: " + "; ".join(problems))
 
-    def _mix_and_force(self, step: _Step, config: MixingConfig, seed: int) -> None:
+    def _mix_and_force(self, step: _Step, run: _Run) -> None:
         """Draw one token per pair from q and force it in both engines, without waiting."""
         teacher_logits, teacher_rows = self.teacher.pending_logits()
         theta_logits, theta_rows = self.theta.pending_logits()
         device = teacher_logits.device
         step.rows = tuple(teacher_rows)
         step.alignment = alignment = self._alignment(step.rows, tuple(theta_rows), device)
+        step.slots = run.pairs.slots(alignment.pair_indices)
+        keys = draw_keys(run.seed, run.pairs.keys[step.slots], run.pairs.drawn[step.slots])
+        run.pairs.drawn[step.slots] += 1
         with self._phase("mixing", device):
-            draw, record = self._mix(teacher_logits, theta_logits, alignment, config, seed)
+            draw, record = self._mix(teacher_logits, theta_logits, alignment, run.config,
+                                     _to_device(keys, device))
+            if run.top_logprobs:
+                aligned = (theta_logits if alignment.theta_for_teacher is None
+                           else theta_logits[alignment.theta_for_teacher])
+                record = torch.cat([record, soft_targets.top_logprobs(
+                    teacher_logits, aligned, self.vocab_size, run.top_logprobs)], dim=1)
         with self._phase("sample", device):
             step.teacher_output = self.teacher.sample_forced(draw.token_ids)
             step.theta_output = self.theta.sample_forced(
@@ -506,17 +708,16 @@ class LockstepPair:
             step.values = _HostCopy(record)
 
     def _mix(self, teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
-             alignment: Alignment, config: MixingConfig, seed: int
+             alignment: Alignment, config: MixingConfig, keys: torch.Tensor
              ) -> tuple[MixedDraw, torch.Tensor]:
-        """The draw in teacher row order and its record ([rows, len(sampler.mixing.TRACE_COLUMNS)] float64)."""
+        """The draw in teacher row order and its record ([rows, len(TRACE_COLUMNS)] float64)."""
         if self.graphed_mixing is not None and self.graphed_mixing.applies(teacher_logits,
                                                                             config):
             return self.graphed_mixing(teacher_logits, theta_logits, alignment.theta_for_teacher,
-                                       config, seed, alignment.ranks)
+                                       config, keys)
         if alignment.theta_for_teacher is not None:
             theta_logits = theta_logits[alignment.theta_for_teacher]
-        draw = mix_and_draw(teacher_logits, theta_logits, self.vocab_size, config, seed,
-                            alignment.ranks)
+        draw = mix_and_draw(teacher_logits, theta_logits, self.vocab_size, config, keys)
         return draw, draw.record()
 
     def _alignment(self, teacher_rows: tuple[str, ...], theta_rows: tuple[str, ...],
@@ -527,16 +728,14 @@ class LockstepPair:
             return self._cached_alignment[1]
         if sorted(teacher_rows) != sorted(theta_rows):
             raise LockstepError(f"logit rows differ: teacher {teacher_rows}, theta {theta_rows}")
-        pair_indices = np.array([int(r.rsplit("-", 1)[1]) for r in teacher_rows])
-        ranks = _to_device(np.argsort(np.argsort(pair_indices)), device)
+        pair_indices = np.array([int(r.split("-")[1]) for r in teacher_rows], dtype=np.int64)
         row_position = {request_id: row for row, request_id in enumerate(teacher_rows)}
         theta_for_teacher = teacher_for_theta = None
         if teacher_rows != theta_rows:
             theta_position = {request_id: row for row, request_id in enumerate(theta_rows)}
             theta_for_teacher = _to_device([theta_position[r] for r in teacher_rows], device)
             teacher_for_theta = _to_device([row_position[r] for r in theta_rows], device)
-        alignment = Alignment(pair_indices, ranks, theta_for_teacher, teacher_for_theta,
-                              row_position)
+        alignment = Alignment(pair_indices, theta_for_teacher, teacher_for_theta, row_position)
         self._cached_alignment = (key, alignment)
         return alignment
 

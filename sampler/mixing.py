@@ -43,11 +43,14 @@ The torch code synchronises with the host only for the Newton convergence check,
 after a few unconditional iterations and then once per extra iteration; the fused kernels
 never do.
 
-Randomness is (seed, rank): one seed per step and each row's rank in pair order, so a row's
-draw does not depend on the engine's row order. On CUDA (with Triton, without top-k/top-p,
+Randomness is keyed by identity (JAX's `fold_in`): row i's draw depends on one 63-bit key,
+`draw_keys(call seed, the row's own key, the token's position)`, alone; not on the step, the
+batch, the engines' row order, admission, preemption or the card. The torch path turns the
+key into one float64 uniform on the device; the fused kernels use it as their Philox key. On
+CUDA (with Triton, without top-k/top-p,
 for the solved methods) steps 1–7 run as fused kernels, one pass over the vocabulary each
 (`sampler.fused_mixing`); elsewhere as the torch code below. The same seed repeats the same
-output on the same kind of device.
+output on the same kind of device for the same logits.
 """
 
 from __future__ import annotations
@@ -395,6 +398,33 @@ def mixture_log_probs(log_teacher: torch.Tensor, log_theta: torch.Tensor, alpha:
     return torch.log_softmax(mixed.masked_fill(~inside, float("-inf")), dim=-1)
 
 
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_MULTIPLIERS = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser of each uint64 (a bijection with full avalanche)."""
+    values = values + _SPLITMIX_GAMMA
+    values = (values ^ (values >> np.uint64(30))) * _SPLITMIX_MULTIPLIERS[0]
+    values = (values ^ (values >> np.uint64(27))) * _SPLITMIX_MULTIPLIERS[1]
+    return values ^ (values >> np.uint64(31))
+
+
+def draw_keys(seed: int, row_keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The 63-bit key of each row's draw (int64, non-negative): splitmix64 folded over the
+    call's seed, the row's own key and the token's position in the row's output."""
+    with np.errstate(over="ignore"):
+        state = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+        state = _splitmix64(state ^ np.asarray(row_keys, dtype=np.int64).view(np.uint64))
+        state = _splitmix64(state ^ np.asarray(positions, dtype=np.int64).view(np.uint64))
+    return (state >> np.uint64(1)).astype(np.int64)
+
+
+def uniforms_of_keys(keys: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per 63-bit key: its top 53 bits (exact in float64)."""
+    return (keys >> 10).double() * 2.0**-53
+
+
 def draw_from_log_probs(log_q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw of one token per row, in float64; `uniforms` holds one number in
     [0, 1) per row. Tokens of zero mass are never drawn."""
@@ -412,18 +442,16 @@ def unmixable_rows(record: np.ndarray) -> np.ndarray:
 
 
 def mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor, vocab_size: int,
-                 config: MixingConfig, seed: int, ranks: torch.Tensor) -> MixedDraw:
-    """Steps 1–7 of the module docstring for a batch of aligned rows."""
+                 config: MixingConfig, draw_keys: torch.Tensor) -> MixedDraw:
+    """Steps 1–7 of the module docstring for a batch of aligned rows; row i's randomness
+    is `draw_keys[i]` ([rows] int64 on the logits' device, from `draw_keys`) alone."""
     if _use_fused(teacher_logits, config):
-        return _fused_mix_and_draw(teacher_logits, theta_logits, vocab_size, config, seed, ranks)
+        return _fused_mix_and_draw(teacher_logits, theta_logits, vocab_size, config, draw_keys)
     log_teacher = tempered_log_probs(teacher_logits, vocab_size, config.temperature)
     log_theta = tempered_log_probs(theta_logits, vocab_size, config.temperature)
     alpha = compute_alpha(teacher_logits, theta_logits, vocab_size, config)
     log_q = mixture_log_probs(log_teacher, log_theta, alpha, config)
-    generator = torch.Generator(device=log_q.device).manual_seed(seed)
-    uniforms = torch.rand(len(ranks), generator=generator, device=log_q.device,
-                          dtype=torch.float64)[ranks]
-    tokens = draw_from_log_probs(log_q, uniforms)
+    tokens = draw_from_log_probs(log_q, uniforms_of_keys(draw_keys.to(log_q.device)))
     picked = tokens[:, None]
     return MixedDraw(
         token_ids=tokens,
@@ -448,7 +476,7 @@ class GraphedMixing:
     schedule, the draw); launching them cost the host 1–3 ms a step, which the lockstep
     cannot hide where the host bounds the step. Here a step is a few copies and one replay.
     The logits are copied into static buffers (rows past the live ones keep earlier finite
-    values; their results are never read) and the seed is read from the device, so the
+    values; their results are never read) and the draw keys are read from the device, so the
     replayed kernels compute exactly what `mix_and_draw` computes. The returned draw and
     record are static buffers, valid until the next call: the lockstep reads them in stream
     order before then.
@@ -464,8 +492,8 @@ class GraphedMixing:
         return logits.is_cuda and _use_fused(logits, config) and logits.shape[0] <= self.capacity
 
     def __call__(self, teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
-                 theta_for_teacher: torch.Tensor | None, config: MixingConfig, seed: int,
-                 ranks: torch.Tensor) -> tuple[MixedDraw, torch.Tensor]:
+                 theta_for_teacher: torch.Tensor | None, config: MixingConfig,
+                 draw_keys: torch.Tensor) -> tuple[MixedDraw, torch.Tensor]:
         """`mix_and_draw` of the teacher rows with theta's rows `theta_for_teacher` (None:
         in the same order), and `MixedDraw.record()` of it."""
         rows = teacher_logits.shape[0]
@@ -478,8 +506,7 @@ class GraphedMixing:
             self._theta[:rows].copy_(theta_logits)
         else:
             torch.index_select(theta_logits, 0, theta_for_teacher, out=self._theta[:rows])
-        self._ranks[:rows].copy_(ranks)
-        self._seed.fill_(seed)
+        self._keys[:rows].copy_(draw_keys)
         bucket = -(-rows // GRAPH_ROW_BUCKET) * GRAPH_ROW_BUCKET
         captured = self._graphs.get((bucket, config)) or self._capture(bucket, config)
         captured.graph.replay()
@@ -491,14 +518,13 @@ class GraphedMixing:
         self._teacher = torch.zeros(self.capacity, teacher_width, dtype=teacher_dtype,
                                     device=device)
         self._theta = torch.zeros(self.capacity, theta_width, dtype=theta_dtype, device=device)
-        self._ranks = torch.zeros(self.capacity, dtype=torch.long, device=device)
-        self._seed = torch.zeros(1, dtype=torch.long, device=device)
+        self._keys = torch.zeros(self.capacity, dtype=torch.long, device=device)
         self._layout = layout
 
     def _capture(self, bucket: int, config: MixingConfig) -> _CapturedStep:
         def step() -> tuple[MixedDraw, torch.Tensor]:
             draw = _fused_mix_and_draw(self._teacher[:bucket], self._theta[:bucket],
-                                       self.vocab_size, config, self._seed, self._ranks[:bucket])
+                                       self.vocab_size, config, self._keys[:bucket])
             return draw, draw.record()
 
         step()  # compiles the kernels outside the capture
@@ -519,10 +545,9 @@ def _use_fused(logits: torch.Tensor, config: MixingConfig) -> bool:
 
 
 def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor,
-                        vocab_size: int, config: MixingConfig, seed: int | torch.Tensor,
-                        ranks: torch.Tensor) -> MixedDraw:
-    """Steps 1–7 by the fused kernels: no host synchronisation at all (`seed` may be a [1]
-    int64 device tensor)."""
+                        vocab_size: int, config: MixingConfig,
+                        draw_keys: torch.Tensor) -> MixedDraw:
+    """Steps 1–7 by the fused kernels: no host synchronisation at all."""
     from sampler import fused_mixing
 
     temperature, rows = config.temperature, teacher_logits.shape[0]
@@ -536,6 +561,6 @@ def _fused_mix_and_draw(teacher_logits: torch.Tensor, theta_logits: torch.Tensor
             config.alpha_min, config.alpha_max, config.tolerance, ROUNDING_SLACK, SMALL_RATIO,
             identical_models_alpha(config.alpha_min, config.alpha_max))
     tokens, log_q, log_teacher, log_theta = fused_mixing.draw(
-        teacher_logits, theta_logits, vocab_size, temperature, norms, alpha, ranks, seed)
+        teacher_logits, theta_logits, vocab_size, temperature, norms, alpha, draw_keys)
     return MixedDraw(token_ids=tokens, alpha=alpha, log_q=log_q, log_teacher=log_teacher,
                      log_theta=log_theta)

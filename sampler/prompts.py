@@ -1,7 +1,9 @@
-"""Turning each model's prompt text into token ids, and checking the two tokenizers agree.
+"""Turning each model's prompt into token ids, and checking the two tokenizers agree.
 
-Each model reads its prompt through its own tokenizer and chat template (real pairs share a
-vocabulary but not a template). What the mixing needs the two to share is checked here: the
+A prompt is a text (one user turn) or a conversation: a list of `{role, content}` turns
+(system, user, assistant) ending with the user's, to which the model writes the next
+assistant turn. Each model reads its prompt through its own tokenizer and chat template
+(real pairs share a vocabulary but not a template) with its own system prompt. What the mixing needs the two to share is checked here: the
 same token string behind every id of the shared vocabulary, and stop tokens inside it.
 """
 
@@ -10,19 +12,89 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sampler.errors import IncompatibleModelsError
 
 logger = logging.getLogger(__name__)
 
 
+Conversation = list[dict[str, str]]
+Prompt = str | Conversation
+ROLES = ("system", "user", "assistant")
+#: What a system turn of a conversation becomes: `replace` (the default): the model's own
+#: system prompt takes its place (none, when the model has none), so each model reads its
+#: own system prompt on every row as it does for a text prompt; `keep`: the conversation's
+#: system turn stays, and the model's system prompt is used only where it has none;
+#: `refuse`: a conversation holding a system turn is an error of its row.
+SystemTurn = Literal["replace", "keep", "refuse"]
+SYSTEM_TURNS: tuple[SystemTurn, ...] = ("replace", "keep", "refuse")
+
+
 @dataclass(frozen=True)
 class PromptFormat:
-    """How one model sees a prompt: its own system prompt, chat template on or off."""
+    """How one model sees a prompt: its own system prompt, chat template on or off, and what
+    a conversation's own system turn becomes (`SystemTurn`)."""
 
     system_prompt: str | None = None
     use_chat_template: bool = True
+    system_turn: SystemTurn = "replace"
+
+
+def conversation_problem(value: Any, prompt_format: PromptFormat) -> str | None:
+    """Why `value` is not a conversation this model can continue, naming the turn (counted
+    from 1), or None. Turns hold `role` and `content` only: another key (a name, tool calls)
+    would reach the chat template unchecked."""
+    if not isinstance(value, (list, tuple)):
+        return f"is not a list of turns but {type(value).__name__}"
+    if not value:
+        return "holds no turns"
+    if not prompt_format.use_chat_template:
+        return "is a conversation, which needs the chat template"
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict):
+            return f"turn {number} is not a {{role, content}} mapping but {type(turn).__name__}"
+        if set(turn) != {"role", "content"}:
+            return (f"turn {number} has the keys {sorted(map(str, turn))}; a turn holds "
+                    "exactly role and content")
+        role, content = turn["role"], turn["content"]
+        if role not in ROLES:
+            return f"turn {number} has the unknown role {role!r} (roles: {', '.join(ROLES)})"
+        if not isinstance(content, str):
+            return f"turn {number} ({role}) content is not text but {type(content).__name__}"
+        if not content.strip():
+            return f"turn {number} ({role}) is empty"
+        if role == "system" and number > 1:
+            return f"turn {number} is a system turn; only the first turn may be one"
+        if role == "system" and prompt_format.system_turn == "refuse":
+            return f"turn {number} is a system turn, which system_turn 'refuse' refuses"
+    if value[-1]["role"] != "user":
+        return (f"the last turn (turn {len(value)}) is the {value[-1]['role']}'s, not the "
+                "user's")
+    return None
+
+
+def prompt_problem(prompt: Any, prompt_format: PromptFormat) -> str | None:
+    """Why a row's prompt cannot be rendered (read after "row i: teacher prompt"), or None."""
+    if prompt is None or isinstance(prompt, str):
+        return None if prompt and prompt.strip() else "is empty"
+    if isinstance(prompt, (list, tuple)):
+        return conversation_problem(prompt, prompt_format)
+    return f"is not a text or a list of turns but {type(prompt).__name__}"
+
+
+def chat_messages(prompt: Prompt, prompt_format: PromptFormat) -> Conversation:
+    """The turns the model's chat template renders: its system prompt (where
+    `prompt_format.system_turn` puts it), then the text as the user's turn or the
+    conversation's turns (checked by `conversation_problem`)."""
+    turns = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+             else [{"role": turn["role"], "content": turn["content"]} for turn in prompt])
+    if turns[0]["role"] == "system":
+        if prompt_format.system_turn == "keep":
+            return turns
+        turns = turns[1:]
+    system = prompt_format.system_prompt
+    return ([{"role": "system", "content": system}] if system else []) + turns
 
 
 def load_tokenizer(model: str | Path, role: str) -> Any:
@@ -98,17 +170,17 @@ def pair_stop_token_ids(teacher: Any, theta: Any, model_teacher: str | Path,
     return sorted(teacher_ids | theta_ids)
 
 
-def render_prompt_ids(tokenizer: Any, text: str, prompt_format: PromptFormat) -> list[int]:
-    """Token ids of `text` as this model should see it: its own chat template and system
-    prompt, exactly as `apply_chat_template` produces them."""
+def render_prompt_ids(tokenizer: Any, prompt: Prompt, prompt_format: PromptFormat
+                      ) -> list[int]:
+    """Token ids of `prompt` (a text, or a conversation `conversation_problem` accepts) as
+    this model should see it: its own chat template and system prompt, exactly as
+    `apply_chat_template(chat_messages(...), add_generation_prompt=True)` produces them."""
     if prompt_format.use_chat_template:
-        messages = []
-        if prompt_format.system_prompt:
-            messages.append({"role": "system", "content": prompt_format.system_prompt})
-        messages.append({"role": "user", "content": text})
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
+        encoded = tokenizer.apply_chat_template(chat_messages(prompt, prompt_format),
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
         return list(encoded["input_ids"])
+    text = prompt
     if prompt_format.system_prompt:
         text = f"{prompt_format.system_prompt}\n\n{text}"
     return list(tokenizer(text)["input_ids"])

@@ -13,7 +13,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from sampler.errors import ConfigError
+from sampler.soft_targets import check_top_logprobs
 from sampler.mixing import MixingConfig
+from sampler.prompts import PromptFormat, SystemTurn
 from tasks.answer_checks import ANSWER_CHECKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +55,40 @@ class SourceConfig(Strict):
 
 
 class PromptConfig(Strict):
-    """Each model's system prompt and template; `{column}` fields come from the source row."""
+    """Each model's system prompt and template; `{column}` fields come from the source row.
+
+    With `messages_column`, that source column holds a conversation (`sampler.prompts`) and
+    each template makes its last user turn: `{<messages_column>}` stands for that turn's
+    text, so the teacher's template can add what only the teacher sees (a reference answer).
+    `system_turn` says what a system turn of the conversation becomes (`SystemTurn`).
+    """
 
     teacher_system: str | None = None
     theta_system: str | None = None
     teacher_template: str
     theta_template: str
     chat_template: bool = True
+    messages_column: str | None = None
+    system_turn: SystemTurn = "replace"
+
+    @model_validator(mode="after")
+    def _conversations_need_the_chat_template(self) -> PromptConfig:
+        if self.messages_column is None:
+            return self
+        if not self.chat_template:
+            raise ValueError("prompts.messages_column needs prompts.chat_template: true (a "
+                             "conversation is rendered by each model's chat template)")
+        for name in ("teacher_template", "theta_template"):
+            fields = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name)) if f}
+            if self.messages_column not in fields:
+                raise ValueError(f"prompts.{name} must hold {{{self.messages_column}}}, the "
+                                 "last user turn of the conversation")
+        return self
+
+    def formats(self) -> tuple[PromptFormat, PromptFormat]:
+        """The teacher's and theta's `PromptFormat`."""
+        return tuple(PromptFormat(system, self.chat_template, self.system_turn)
+                     for system in (self.teacher_system, self.theta_system))
 
     @field_validator("teacher_template", "theta_template")
     @classmethod
@@ -99,6 +128,16 @@ class SamplingConfig(Strict):
     #: from `seed` and the run date.
     samples_per_run: int = Field(default=0, ge=0)
     seed: int = 0
+    #: Each model's k most likely tokens and log-probs at every generated position (0: off).
+    top_logprobs: int = 0
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _valid_top_logprobs(cls, k: int) -> int:
+        try:
+            return check_top_logprobs(k)
+        except ConfigError as error:
+            raise ValueError(str(error).removeprefix("top_logprobs: ")) from None
 
     @model_validator(mode="after")
     def _valid_mixing(self) -> SamplingConfig:
@@ -140,6 +179,15 @@ class EngineConfig(Strict):
                 raise ValueError(f"engine.{role}.pipeline_parallel_size: {stages!r}: pipeline "
                                  "parallel is not supported; split the model with "
                                  "tensor_parallel_size instead")
+            share = own.get("gpu_memory_utilization", 0.5)
+            if type(share) not in (int, float) or not 0 < share <= 1:
+                raise ValueError(f"engine.{role}.gpu_memory_utilization: {share!r} is not a "
+                                 "share of device memory in (0, 1]")
+        shares = [getattr(self, role).get("gpu_memory_utilization") for role in ENGINE_ROLES]
+        if None not in shares and sum(shares) > 1:
+            raise ValueError(f"engine.teacher.gpu_memory_utilization and "
+                             f"engine.theta.gpu_memory_utilization sum to {sum(shares):.3g}: "
+                             "both engines share one device")
         return self
 
 
@@ -187,7 +235,9 @@ class DatasetConfig(Strict):
     description: str = ""
     source: SourceConfig
     id_column: str | None = None
-    text_columns: list[str] = Field(min_length=1)
+    #: Source columns of text the templates read (`{column}`); besides
+    #: `prompts.messages_column`, which holds a conversation.
+    text_columns: list[str] = []
     max_prompt_chars: int = Field(default=20_000, gt=0)
     prompts: PromptConfig
     models: ModelConfig
@@ -197,12 +247,23 @@ class DatasetConfig(Strict):
     curation: CurationConfig = CurationConfig()
     card: CardConfig = CardConfig()
 
+    @property
+    def source_columns(self) -> list[str]:
+        """The source columns a prompt is made of: the text columns and the conversation's."""
+        return [*self.text_columns, *filter(None, [self.prompts.messages_column])]
+
     @model_validator(mode="after")
     def _templates_use_known_columns(self) -> DatasetConfig:
+        if not self.source_columns:
+            raise ValueError("text_columns: name at least one source column, or a "
+                             "conversation's in prompts.messages_column")
+        if self.prompts.messages_column in self.text_columns:
+            raise ValueError(f"prompts.messages_column {self.prompts.messages_column!r} is a "
+                             "conversation; it cannot be in text_columns too")
         for name in ("teacher_template", "theta_template"):
             template = getattr(self.prompts, name)
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
-            unknown = fields - set(self.text_columns)
+            unknown = fields - set(self.source_columns)
             if unknown:
                 raise ValueError(f"prompts.{name} uses {sorted(unknown)}, which are not in "
                                  f"text_columns {self.text_columns}")

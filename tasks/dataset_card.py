@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from sampler.soft_targets import SOFT_TARGET_COLUMNS
 from tasks.training_columns import CONVERSATION_COLUMNS, TOKEN_COLUMNS, token_values
 
 CARD_KEY = b"distill.card"
@@ -141,6 +142,37 @@ def importance_summary(table: pa.Table) -> list[str]:
             f"{weights.size} rows)."]
 
 
+def soft_target_section(parts: list[CardPart], table: pa.Table) -> list[str]:
+    """What the soft-target columns hold, their k per generation and their size; nothing when
+    no generation recorded them."""
+    if not set(SOFT_TARGET_COLUMNS) <= set(table.column_names):
+        return []
+    ks = {part.facts.generation: part.settings["sampling"].get("top_logprobs", 0)
+          for part in parts}
+    tokens = pc.sum(pc.list_value_length(table["teacher_top_ids"])).as_py() or 0
+    size = table.select(list(SOFT_TARGET_COLUMNS)).nbytes
+    per_token = f"{size / tokens:.1f} bytes per token" if tokens else "no tokens"
+    return [
+        "## Soft targets", "",
+        "`teacher_top_ids`, `teacher_top_logprobs`, `theta_top_ids`, `theta_top_logprobs`: at "
+        "every generated token, the k most likely next tokens under the teacher and under the "
+        "student θ and their log-probs, most likely first (`teacher_top_ids[i][0]` is the "
+        "teacher's likeliest token at the place of `token_ids[i]`, which may or may not be among "
+        "them). The distribution is each model's own log-softmax at temperature 1 over the shared "
+        "vocabulary, before the mixing's temperature, top-k or top-p: what distillation losses "
+        "compare. The teacher's is conditioned on the teacher's prompt (`teacher_prompt_ids`), "
+        "the student's on its own (`theta_prompt_ids`). Computed in float32 on the device; ids "
+        "int32, log-probs float32.", "",
+        "k by generation: " + ", ".join(f"`{generation}` k = {k}" if k else
+                                        f"`{generation}` not recorded (null)"
+                                        for generation, k in ks.items()) + ".",
+        f"Size: 16·k bytes of values per token (2 models × k × (4-byte id + 4-byte log-prob)) "
+        f"plus 16 of list offsets; in these rows {size:,} bytes in memory for {tokens:,} "
+        f"tokens, {per_token} (Parquet compresses them further). Shard validation checks, on "
+        "every row, one list per generated token, k entries in each, ids non-negative and "
+        "distinct, log-probs finite, ≤ 0 and most likely first.", ""]
+
+
 def generation_section(part: CardPart, table: pa.Table) -> list[str]:
     """One generation's resolved settings, as the sampler ran them."""
     settings, facts = part.settings, part.facts
@@ -156,11 +188,13 @@ def generation_section(part: CardPart, table: pa.Table) -> list[str]:
                      f"`{checkpoint['fingerprint']}`)")
     alpha = (f"fixed α = {sampling['fixed_alpha']}" if sampling["alpha_method"] == "fixed"
              else f"`{sampling['alpha_method']}`")
+    top_k = sampling.get("top_logprobs", 0)     # absent from generations made before it
     lines += [
         f"- α: {alpha}, clamped to [{sampling['alpha_min']}, {sampling['alpha_max']}]",
         f"- sampling: temperature {sampling['temperature']}, top_p {sampling['top_p']}, "
         f"top_k {sampling['top_k']}, max_tokens {sampling['max_tokens']}, "
-        f"samples_per_prompt {sampling['samples_per_prompt']}, seed {sampling['seed']}",
+        f"samples_per_prompt {sampling['samples_per_prompt']}, seed {sampling['seed']}, "
+        f"soft targets: {f'top {top_k}' if top_k else 'off'}",
         *engine_lines(settings["engine"]),
         f"- sampler version `{settings['sampler_version']}`; commits: " + ", ".join(
             f"`{commit}`" + (" with uncommitted changes to the generation code" if dirty
@@ -266,7 +300,11 @@ def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
         "| `completion_text`, `theta_prompt`, `teacher_prompt` | texts; `*_prompt_ids` the "
         "exact ids each model read |",
         "| `generation`, `generated_*`, `published_*`, `*_model`, `*_fingerprint` | lineage |",
+        *(["| `teacher_top_ids`, `teacher_top_logprobs`, `theta_top_ids`, `theta_top_logprobs` "
+           "| per generated token, each model's k most likely tokens (see Soft targets) |"]
+          if set(SOFT_TARGET_COLUMNS) <= set(table.column_names) else []),
         "",
+        *soft_target_section(parts, table),
         "## Importance weights", "", *importance_summary(table), "",
         "Self-normalise within a batch or the dataset: w_i = exp(lw_i − max lw) / Σ_j exp(lw_j "
         "− max lw). Per token, exp(log_theta − log_q) is θ(y)/q(y).", "",

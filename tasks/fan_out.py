@@ -20,8 +20,9 @@ A run that finds no worker online fails at once, unless `workers` gives the numb
 (another run's share may hold the GPU), and is cancelled after `OFFLINE_GRACE_SECONDS`
 without one.
 A child builds its engine pair once, for its first shard, and keeps it for the rest. Shard
-files are written atomically and named by content, and a shard's seed comes from its content
-(`shard_seed`), so neither the number of GPUs nor which worker wrote a shard changes a row.
+files are written atomically and named by content, and a sample's draws come from the round's
+seed and its own key (`tasks.shard_rows.row_key`), so neither the number of GPUs nor which
+worker wrote a shard changes a row.
 """
 
 from __future__ import annotations

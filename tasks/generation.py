@@ -23,6 +23,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.states import State
 
+from sampler.models import ResolvedModel
 from tasks.config import ENGINE_ROLES, TINY_PREFIX, DatasetConfig
 from tasks.atomic_files import write_atomically
 from tasks.engines import ENGINES, EngineBuildError
@@ -42,12 +43,14 @@ class ShardOutcome:
 
 
 @task(name="check-models")
-def check_models(config: DatasetConfig) -> None:
-    """Both models loadable and compatible, checked once before any shard: a missing model
-    fails the run in seconds with one message naming its field, not once per shard."""
+def check_models(config: DatasetConfig, model_paths: tuple[str, str]
+                 ) -> tuple[ResolvedModel, ResolvedModel]:
+    """Both models (`resolve_models`) loadable and compatible, checked once before any shard:
+    a missing model fails the run in seconds with one message naming its field, not once per
+    shard. Their tokenizers serve the rest of the run (staging's screen)."""
     from sampler.models import resolve_pair
 
-    resolve_pair(*resolve_models(config), chat_template=config.prompts.chat_template)
+    return resolve_pair(*model_paths, chat_template=config.prompts.chat_template)
 
 
 class TooFewGPUs(RuntimeError):

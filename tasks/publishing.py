@@ -63,7 +63,7 @@ def curate(table: pa.Table, config: DatasetConfig, reference_answers: dict[str, 
         table = table.append_column("answer_correct", pa.array(correct, pa.bool_()))
         left_out_answer = correct.count(False)
         table = table.filter(pc.field("answer_correct"))
-    table = add_training_columns(table, config.prompts.theta_system)
+    table = add_training_columns(table, config.prompts)
     rows = table.num_rows
     for name, value in lineage.items():
         table = table.append_column(name, pa.array([value] * rows))

@@ -1,5 +1,5 @@
-"""What a shard's rows are: the sampler built from a dataset's settings, the shard's seed,
-and the rows it draws.
+"""What a shard's rows are: the sampler built from a dataset's settings, the round's seed and
+each sample's draw key, and the rows it draws.
 
 This module and `sampler/` are the generation code: their hash is the sampler version in
 every generation key (tasks/lineage.py), so only what changes the samples belongs here;
@@ -14,10 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from sampler.prompts import PromptFormat
+from sampler.soft_targets import SOFT_TARGET_COLUMNS
 from tasks.config import DatasetConfig
 from tasks.lineage import Generation
 from tasks.planning import Shard
+from tasks.staging import stored_prompt
 
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("content_hash", pa.string()),
@@ -39,6 +40,17 @@ SHARD_SCHEMA = pa.schema([
     ("teacher_model", pa.string()), ("teacher_fingerprint", pa.string()),
     ("theta_model", pa.string()), ("theta_fingerprint", pa.string()),
 ])
+#: With `sampling.top_logprobs` on, one list of k per generated token and model: ids as
+#: int32 like `token_ids`, log-probs as float32 like `log_q` (they are computed in float32,
+#: so float64 would store no more digits and twice the bytes).
+SOFT_TARGET_FIELDS = [pa.field(name, pa.list_(pa.list_(
+    pa.int32() if name.endswith("_ids") else pa.float32()))) for name in SOFT_TARGET_COLUMNS]
+
+
+def shard_schema(top_logprobs: int) -> pa.Schema:
+    """`SHARD_SCHEMA`, and the soft-target columns only when they are recorded: a dataset
+    without them writes the same shards as before they existed."""
+    return SHARD_SCHEMA if not top_logprobs else pa.schema([*SHARD_SCHEMA, *SOFT_TARGET_FIELDS])
 
 
 def build_sampler(config: DatasetConfig, generation: Generation):
@@ -65,9 +77,20 @@ def sampler_arguments(config: DatasetConfig) -> dict[str, Any]:
             "theta_engine_args": dict(engine.theta)}
 
 
-def shard_seed(config: DatasetConfig, shard: Shard) -> int:
-    """From the dataset seed, the round (a run date for samples_per_run) and the shard."""
-    text = f"{config.sampling.seed}:{shard.sample_round}:{shard.key}"
+def round_seed(config: DatasetConfig, sample_round: str) -> int:
+    """The call seed of every shard of a round: from the dataset seed and the round (a run
+    date for samples_per_run)."""
+    return _hash63(f"{config.sampling.seed}:{sample_round}")
+
+
+def row_key(prompt_id: str, content_hash: str, sample_index: int) -> int:
+    """A sample's own draw key: with the round's seed it fixes the sample's draws, so neither
+    the shard it lands in, the shard size, the number of GPUs nor which worker wrote it
+    changes a row."""
+    return _hash63(f"{prompt_id}:{content_hash}:{sample_index}")
+
+
+def _hash63(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
@@ -75,20 +98,21 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard,
                   lineage: dict[str, object]) -> pa.Table:
     """Generate every sample of the shard's prompts; rows the model refuses keep their error."""
     expanded = [(prompt, sample) for prompt in shard.prompts for sample in range(shard.samples)]
-    seed = shard_seed(config, shard)
+    seed = round_seed(config, shard.sample_round)
+    teacher_format, theta_format = config.prompts.formats()
     output = sampler.generate(
         [p.teacher_prompt for p, _ in expanded], [p.theta_prompt for p, _ in expanded],
         max_tokens=config.sampling.max_tokens, seed=seed, show_progress=False,
-        mixing=config.sampling.mixing(),
-        teacher_format=PromptFormat(config.prompts.teacher_system, config.prompts.chat_template),
-        theta_format=PromptFormat(config.prompts.theta_system, config.prompts.chat_template))
+        mixing=config.sampling.mixing(), top_logprobs=config.sampling.top_logprobs,
+        teacher_format=teacher_format, theta_format=theta_format,
+        row_keys=[row_key(p.prompt_id, p.content_hash, s) for p, s in expanded])
     stats = output.per_row_alpha_stats or [{}] * len(expanded)
     columns = {
         "prompt_id": [p.prompt_id for p, _ in expanded],
         "sample_index": [s for _, s in expanded],
         "content_hash": [p.content_hash for p, _ in expanded],
-        "teacher_prompt": [p.teacher_prompt for p, _ in expanded],
-        "theta_prompt": [p.theta_prompt for p, _ in expanded],
+        "teacher_prompt": [stored_prompt(p.teacher_prompt) for p, _ in expanded],
+        "theta_prompt": [stored_prompt(p.theta_prompt) for p, _ in expanded],
         "teacher_prompt_ids": output.teacher_prompt_ids,
         "theta_prompt_ids": output.theta_prompt_ids,
         "completion_text": output.generated_texts,
@@ -110,4 +134,6 @@ def generate_rows(sampler, config: DatasetConfig, shard: Shard,
         "sample_round": [shard.sample_round] * len(expanded),
         **{name: [value] * len(expanded) for name, value in lineage.items()},
     }
-    return pa.table(columns, schema=SHARD_SCHEMA)
+    if config.sampling.top_logprobs:
+        columns.update({name: getattr(output, name) for name in SOFT_TARGET_COLUMNS})
+    return pa.table(columns, schema=shard_schema(config.sampling.top_logprobs))

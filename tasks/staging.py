@@ -7,17 +7,19 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 from prefect import task
 
 from sampler.errors import ConfigError
-from sampler.prompts import control_token_strings, load_tokenizer
+from sampler.models import ResolvedModel
+from sampler.prompts import Conversation, Prompt, control_token_strings, conversation_problem
 from tasks.config import DatasetConfig, SourceConfig
 from tasks.ledger import RunLedger
 from tasks.sql import connect
@@ -32,11 +34,14 @@ PROMPT_COLUMNS = ["prompt_id", "content_hash", "source_row", "fields", "teacher_
 
 @dataclass(frozen=True)
 class StagedPrompt:
+    """A source row made into each model's prompt: a text or, from a dataset's
+    `prompts.messages_column`, a conversation whose last user turn the template made."""
+
     source_row: int
     prompt_id: str
     content_hash: str
-    teacher_prompt: str
-    theta_prompt: str
+    teacher_prompt: Prompt
+    theta_prompt: Prompt
     fields: dict[str, str]
 
     @property
@@ -180,11 +185,21 @@ def read_source(config: DatasetConfig, catalog: Path | None = None
             raise ConfigError(f"source: cannot read {source.path}: {error}") from error
     if source.format != "jsonl":
         frame.index = pd.RangeIndex(1, len(frame) + 1)
-    missing = [c for c in [*config.text_columns, *filter(None, [config.id_column])]
+    missing = [c for c in [*config.source_columns, *filter(None, [config.id_column])]
                if c not in frame.columns]
     if missing:
         raise ConfigError(f"source: column(s) {missing} missing; it has {list(frame.columns)}")
     return frame, rejects
+
+
+def stored_prompt(prompt: Prompt) -> str:
+    """A prompt as the warehouse and the shards store it: its text, or its turns as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+
+def prompt_chars(prompt: Prompt) -> int:
+    """Characters of a prompt's text, over every turn of a conversation."""
+    return len(prompt) if isinstance(prompt, str) else sum(len(t["content"]) for t in prompt)
 
 
 def is_null(value: Any) -> bool:
@@ -224,23 +239,23 @@ class TextScreen:
         self.tokens = trie_pattern(self.token_owners)
 
     def problem(self, field: str, text: str) -> str | None:
-        """Why `text` (of `field`) cannot be staged, or None."""
+        """Why `text` (of `field`: "field 'question'", "field 'conversation' turn 2") cannot
+        be staged, or None."""
         found = self.tokens and self.tokens.search(text)
         if not found:
             return None
         owners = self.token_owners[found.group()]
-        return (f"field '{field}' holds {found.group()!r}, a special token of the "
+        return (f"{field} holds {found.group()!r}, a special token of the "
                 f"{' and '.join(owners)} tokenizer{'s' * (len(owners) > 1)} (it would be read "
                 f"as one, not as text)")
 
 
-def model_text_screen(config: DatasetConfig) -> TextScreen:
-    """The screen for `config`'s source rows: both models' special and added tokens."""
-    from tasks.generation import resolve_models  # tasks.generation plans StagedPrompts
-
+def model_text_screen(models: Sequence[ResolvedModel]) -> TextScreen:
+    """The screen for source rows of the run's models (`check_models`): both tokenizers'
+    special and added tokens."""
     owners: dict[str, list[str]] = {}
-    for role, model in zip(("teacher", "theta"), resolve_models(config)):
-        for token in control_token_strings(load_tokenizer(model, role)):
+    for role, model in zip(("teacher", "theta"), models):
+        for token in control_token_strings(model.tokenizer):
             owners.setdefault(token, []).append(role)
     return TextScreen({token: tuple(roles) for token, roles in owners.items()})
 
@@ -275,13 +290,18 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig, screen: TextScree
             elif not text:
                 problem = f"field '{column}' is empty"
             else:
-                problem = screen.problem(column, text)
+                problem = screen.problem(f"field '{column}'", text)
+        turns: Conversation | None = None
+        if not problem and config.prompts.messages_column:
+            turns, problem = staged_conversation(record.get(config.prompts.messages_column),
+                                                 config, screen)
         if problem:
             reject(problem)
             continue
-        teacher_prompt = config.prompts.teacher_template.format(**fields)
-        theta_prompt = config.prompts.theta_template.format(**fields)
-        longest = max(len(teacher_prompt), len(theta_prompt))
+        teacher_prompt, theta_prompt = row_prompts(config, fields, turns)
+        if turns is not None:
+            fields[config.prompts.messages_column] = stored_prompt(turns)
+        longest = max(map(prompt_chars, (teacher_prompt, theta_prompt)))
         if longest > config.max_prompt_chars:
             reject(f"prompt has {longest} characters, over max_prompt_chars "
                    f"({config.max_prompt_chars})")
@@ -298,13 +318,50 @@ def normalise_rows(frame: pd.DataFrame, config: DatasetConfig, screen: TextScree
     return list(staged.values()), rejects
 
 
+def staged_conversation(value: Any, config: DatasetConfig, screen: TextScreen
+                        ) -> tuple[Conversation | None, str | None]:
+    """The turns of a row's conversation, or why they cannot be staged (naming the turn):
+    not a conversation both models can continue, or a turn holding a special token."""
+    column = config.prompts.messages_column
+    if isinstance(value, np.ndarray):  # a list column of a Parquet or DuckDB source
+        value = value.tolist()
+    # the two models' formats differ in their system prompts only, which it does not read
+    problem = conversation_problem(value, config.prompts.formats()[1])
+    if problem:
+        return None, f"field '{column}' {problem}"
+    for number, turn in enumerate(value, start=1):
+        problem = screen.problem(f"field '{column}' turn {number} ({turn['role']})",
+                                 turn["content"])
+        if problem:
+            return None, problem
+    return [{"role": turn["role"], "content": turn["content"]} for turn in value], None
+
+
+def row_prompts(config: DatasetConfig, fields: dict[str, str], turns: Conversation | None
+                ) -> tuple[Prompt, Prompt]:
+    """Each model's prompt: its template over the row's fields or, for a conversation, the
+    turns with the last user turn made by its template (`{<messages_column>}` is that
+    turn's text)."""
+    templates = (config.prompts.teacher_template, config.prompts.theta_template)
+    if turns is None:
+        return tuple(template.format(**fields) for template in templates)
+    column = config.prompts.messages_column
+    last = turns[-1]["content"]
+    return tuple([*turns[:-1], {"role": "user",
+                                "content": template.format(**fields, **{column: last})}]
+                 for template in templates)
+
+
 @task(name="stage-prompts")
-def stage_prompts(ledger: RunLedger, config: DatasetConfig) -> list[StagedPrompt]:
+def stage_prompts(ledger: RunLedger, config: DatasetConfig,
+                  models: Sequence[ResolvedModel]) -> list[StagedPrompt]:
     """Load the source into the warehouse; returns the usable prompts of this run."""
     frame, unreadable = read_source(config, ledger.data.catalog)
-    prompts, rejects = normalise_rows(frame, config, model_text_screen(config))
+    prompts, rejects = normalise_rows(frame, config, model_text_screen(models))
     rejects = unreadable + rejects
-    staged = pd.DataFrame([{**asdict(p), "fields": json.dumps(p.fields)} for p in prompts],
+    staged = pd.DataFrame([{**asdict(p), "fields": json.dumps(p.fields),
+                            "teacher_prompt": stored_prompt(p.teacher_prompt),
+                            "theta_prompt": stored_prompt(p.theta_prompt)} for p in prompts],
                           columns=PROMPT_COLUMNS)
     ledger.record_staged(staged, rejects)
     logger.info("staged %d prompts, rejected %d rows", len(prompts), len(rejects))

@@ -9,13 +9,20 @@ ids the student read (its own system prompt and chat template) followed by the s
 and `labels` the same with `IGNORE_INDEX` over the prompt: `labels[len(theta_prompt_ids) + i]`
 is `token_ids[i]`, whose α is `alpha[i]`. (With `prompts.chat_template: false` the student
 read plain text, its system prompt and the user text, and only `input_ids` is what it read.)
+With a conversation (`prompts.messages_column`) the prompt is the student's whole history, so
+only the generated turn trains.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from sampler.prompts import Conversation, chat_messages
+from tasks.config import PromptConfig
 
 #: What PyTorch's cross-entropy (and so every Hugging Face causal LM) leaves out of the loss.
 IGNORE_INDEX = -100
@@ -73,26 +80,23 @@ def prompt_and_generated(prompt_ids: pa.ChunkedArray, generated_ids: pa.ChunkedA
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)))
 
 
-def conversation(system_prompt: str | None, user: str, assistant: str | None = None
-                 ) -> list[dict[str, str]]:
-    """The turns the student's chat template rendered (`render_prompt_ids` in
-    sampler/prompts.py): its system prompt when it has one, the user turn; then the answer."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": user})
-    if assistant is not None:
-        messages.append({"role": "assistant", "content": assistant})
-    return messages
+def student_history(theta_prompt: str, prompts: PromptConfig) -> Conversation:
+    """The turns the student's chat template rendered (`sampler.prompts.chat_messages`) from
+    a shard's `theta_prompt`: a text, or a conversation stored as JSON (`stored_prompt`)."""
+    prompt = json.loads(theta_prompt) if prompts.messages_column else theta_prompt
+    return chat_messages(prompt, prompts.formats()[1])
 
 
-def add_training_columns(table: pa.Table, theta_system: str | None) -> pa.Table:
+def add_training_columns(table: pa.Table, prompts: PromptConfig) -> pa.Table:
     """`TRAINING_SCHEMA`'s columns first, then the generated ones."""
-    users = table["theta_prompt"].to_pylist()
-    answers = table["completion_text"].to_pylist()
+    histories = [student_history(text, prompts) for text in table["theta_prompt"].to_pylist()]
+    answers = [[{"role": "assistant", "content": text}]
+               for text in table["completion_text"].to_pylist()]
     input_ids, labels = prompt_and_generated(table["theta_prompt_ids"], table["token_ids"])
     columns = {
-        "messages": [conversation(theta_system, u, a) for u, a in zip(users, answers)],
-        "prompt": [conversation(theta_system, u) for u in users],
-        "completion": [[{"role": "assistant", "content": a}] for a in answers],
+        "messages": [history + answer for history, answer in zip(histories, answers)],
+        "prompt": histories,
+        "completion": answers,
         "input_ids": input_ids,
         "labels": labels,
         "log_importance_weight": sequence_log_weights(table["log_theta"], table["log_q"]),

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
+from sampler.soft_targets import SOFT_TARGET_COLUMNS
 from tasks.atomic_files import write_text_atomically
 from tasks.config import DatasetConfig
 from tasks.layout import DataDir
@@ -51,8 +52,46 @@ def _rows_with_nonfinite_or_positive(column: pa.ChunkedArray, rows: int) -> np.n
     return bad
 
 
-def validation_frame(table: pa.Table) -> pd.DataFrame:
-    """Rows with the derived columns the expectations read (array checks done columnwise)."""
+def _soft_target_tokens_ok(lists: pa.ListArray, k: int, ids: bool) -> np.ndarray:
+    """Per token of one soft-target column: k entries; ids non-negative and distinct, or
+    log-probs finite, ≤ 0 and most likely first (the recorded top-k is sorted descending, and
+    rounding to float32 keeps that order)."""
+    lengths = pc.fill_null(pc.list_value_length(lists), -1).to_numpy(zero_copy_only=False)
+    ok = lengths == k
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+    whole = ok[pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)]
+    block = values[whole].reshape(-1, k)
+    if ids:
+        ordered = np.sort(block, axis=1)
+        sound = (block >= 0).all(axis=1) & (np.diff(ordered, axis=1) != 0).all(axis=1)
+    else:
+        sound = ((np.isfinite(block) & (block <= 1e-6)).all(axis=1)
+                 & (np.diff(block, axis=1) <= 0).all(axis=1))
+    ok[np.flatnonzero(ok)] = sound
+    return ok
+
+
+def soft_targets_well_formed(table: pa.Table, k: int) -> np.ndarray:
+    """Per row: each soft-target column present with one list of k per generated token, each
+    sound (`_soft_target_tokens_ok`). The upper bound of the ids (the shared vocabulary) is
+    not known here."""
+    rows = table.num_rows
+    if not set(SOFT_TARGET_COLUMNS) <= set(table.column_names):
+        return np.zeros(rows, dtype=bool)
+    ok = np.ones(rows, dtype=bool)
+    for name in SOFT_TARGET_COLUMNS:
+        per_row = table[name].combine_chunks()
+        same = pc.equal(pc.list_value_length(per_row), table["num_tokens"].combine_chunks())
+        ok &= pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+        tokens_ok = _soft_target_tokens_ok(pc.list_flatten(per_row), k, name.endswith("_ids"))
+        token_rows = pc.list_parent_indices(per_row).to_numpy(zero_copy_only=False)
+        ok[token_rows[~tokens_ok]] = False
+    return ok
+
+
+def validation_frame(table: pa.Table, top_logprobs: int = 0) -> pd.DataFrame:
+    """Rows with the derived columns the expectations read (array checks done columnwise);
+    with `top_logprobs` (k) on, whether each row's soft targets are well formed."""
     rows = table.num_rows
     lengths_match = np.ones(rows, dtype=bool)
     for column in (*PER_TOKEN_COLUMNS, "token_ids"):
@@ -65,7 +104,8 @@ def validation_frame(table: pa.Table) -> pd.DataFrame:
     for column in ("teacher_prompt_ids", "theta_prompt_ids"):
         present = pc.greater(pc.list_value_length(table[column]), 0)
         has_prompt_ids &= pc.fill_null(present, False).to_numpy(zero_copy_only=False)
-    frame = table.drop_columns([*PER_TOKEN_COLUMNS, *ID_COLUMNS]).to_pandas()
+    soft_targets = [name for name in SOFT_TARGET_COLUMNS if name in table.column_names]
+    frame = table.drop_columns([*PER_TOKEN_COLUMNS, *ID_COLUMNS, *soft_targets]).to_pandas()
     frame["row_key"] = (frame["prompt_id"] + "#" + frame["sample_round"] + "#"
                         + frame["sample_index"].astype(str))
     frame["arrays_match_num_tokens"] = lengths_match
@@ -73,6 +113,8 @@ def validation_frame(table: pa.Table) -> pd.DataFrame:
     frame["hit_max_tokens"] = (frame["finish_reason"] == "length").astype(float)
     frame["has_text"] = frame["completion_text"].fillna("").str.len() > 0
     frame["has_prompt_ids"] = has_prompt_ids
+    if top_logprobs:
+        frame["soft_targets_well_formed"] = soft_targets_well_formed(table, top_logprobs)
     return frame
 
 
@@ -81,6 +123,9 @@ def shard_expectations(config: DatasetConfig) -> list:
     e = gx.expectations
     sampling = config.sampling
     alpha_range = {"min_value": sampling.alpha_min - 1e-6, "max_value": sampling.alpha_max + 1e-6}
+    soft_targets = ([e.ExpectColumnValuesToBeInSet(column="soft_targets_well_formed",
+                                                   value_set=[True])]
+                    if sampling.top_logprobs else [])
     return [
         e.ExpectColumnValuesToNotBeNull(column="completion_text"),
         e.ExpectColumnValuesToBeInSet(column="has_text", value_set=[True]),
@@ -94,6 +139,7 @@ def shard_expectations(config: DatasetConfig) -> list:
         e.ExpectColumnValuesToBeInSet(column="arrays_match_num_tokens", value_set=[True]),
         e.ExpectColumnValuesToBeInSet(column="logprobs_finite_and_nonpositive", value_set=[True]),
         e.ExpectColumnValuesToBeUnique(column="row_key"),
+        *soft_targets,
     ]
 
 
@@ -164,7 +210,8 @@ def validate_shard(table: pa.Table, config: DatasetConfig, data: DataDir, run_id
                    shard_key: str) -> ValidationOutcome:
     outcome = run_suite(data, f"{config.name}-shard",
                         data.validation(run_id) / f"shard-{shard_key}.json",
-                        shard_expectations(config), validation_frame(table))
+                        shard_expectations(config),
+                        validation_frame(table, config.sampling.top_logprobs))
     logger.info("shard %s validation: %s %s", shard_key, "passed" if outcome.success else
                 "FAILED", outcome.failed_expectations)
     return outcome

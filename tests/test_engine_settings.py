@@ -55,8 +55,13 @@ def test_each_engines_settings_reach_the_sampler_for_that_engine_alone():
     ({"theta": {"tensor_parallel_size": True}}, "engine.theta.tensor_parallel_size"),
     ({"teacher": ["tensor_parallel_size"]}, "engine.teacher"),
     ({"teacher_tensor_parallel_size": 2}, "engine.teacher_tensor_parallel_size"),
+    ({"teacher": {"gpu_memory_utilization": 0}}, "engine.teacher.gpu_memory_utilization"),
+    ({"theta": {"gpu_memory_utilization": 1.5}}, "engine.theta.gpu_memory_utilization"),
+    ({"theta": {"gpu_memory_utilization": "half"}}, "engine.theta.gpu_memory_utilization"),
+    ({"teacher": {"gpu_memory_utilization": 0.7}, "theta": {"gpu_memory_utilization": 0.4}},
+     "engine.teacher.gpu_memory_utilization and engine.theta.gpu_memory_utilization sum to 1.1"),
 ], ids=["pp-teacher", "pp-theta", "tp-zero", "tp-text", "tp-bool", "not-a-mapping",
-        "unknown-field"])
+        "unknown-field", "share-zero", "share-above-one", "share-text", "shares-sum"])
 def test_engine_settings_the_pipeline_cannot_run_are_refused_naming_the_field(engine, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as refused:
         demo_with(**engine)

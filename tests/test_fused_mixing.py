@@ -57,6 +57,11 @@ def log_normalise(values: np.ndarray) -> np.ndarray:
     return values - logsumexp(values, axis=-1, keepdims=True)
 
 
+def keys_for(rows: int, seed: int = 0) -> torch.Tensor:
+    """Fixed draw keys of rows 0..rows−1 at position 0, as the lockstep derives them."""
+    return torch.tensor(mixing.draw_keys(seed, np.arange(rows), np.zeros(rows, dtype=np.int64)))
+
+
 @pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
 def test_fused_path_matches_float64_reference(fused_backend, chunking, method):
     generator = torch.Generator(device=DEVICE).manual_seed(5)
@@ -65,7 +70,7 @@ def test_fused_path_matches_float64_reference(fused_backend, chunking, method):
     theta = 0.6 * teacher + torch.randn(rows, width, generator=generator) * 2.0
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0, fixed_alpha=0.35,
                           temperature=1.3)
-    draw = mix_and_draw(teacher, theta, vocab, config, seed=17, ranks=torch.arange(rows))
+    draw = mix_and_draw(teacher, theta, vocab, config, keys_for(rows, 17))
     log_t = log_normalise(teacher[:, :vocab].double().cpu().numpy() / 1.3)
     log_s = log_normalise(theta[:, :vocab].double().cpu().numpy() / 1.3)
     for row in range(rows):
@@ -79,14 +84,14 @@ def test_fused_path_matches_float64_reference(fused_backend, chunking, method):
 
 
 def test_fused_gumbel_draws_follow_q():
-    """2,000 rows with the same pair of distributions, each its own rank: χ² against q."""
+    """2,000 rows with the same pair of distributions, each its own key: χ² against q."""
     generator = torch.Generator(device=DEVICE).manual_seed(8)
     vocab, rows, alpha = 24, 2000, 0.6
     teacher = (torch.randn(1, vocab, generator=generator) * 2).expand(rows, -1).contiguous()
     theta = (torch.randn(1, vocab, generator=generator) * 2).expand(rows, -1).contiguous()
     norms = fused_mixing.log_normalisers(teacher, theta, vocab, 1.0)
     tokens, *_ = fused_mixing.draw(teacher, theta, vocab, 1.0, norms, torch.full((rows,), alpha),
-                                   torch.arange(rows), seed=99)
+                                   keys_for(rows, 99))
     log_t = log_normalise(teacher[0].double().cpu().numpy())
     log_s = log_normalise(theta[0].double().cpu().numpy())
     q = np.exp(reference_mixture(log_t, log_s, alpha))
@@ -105,20 +110,38 @@ def test_fused_gumbel_draws_follow_q():
     assert p_value(np.exp(log_t)) < 1e-9 and p_value(np.exp(log_s)) < 1e-9
 
 
-def test_fused_draw_depends_on_rank_not_row_position(fused_backend):
+def test_fused_draw_follows_the_key_not_the_row_position(fused_backend):
+    """The same rows with the same keys in another order draw the same token per row."""
     generator = torch.Generator(device=DEVICE).manual_seed(2)
     teacher = torch.randn(6, 500, generator=generator)
     theta = torch.randn(6, 500, generator=generator)
-    ranks = torch.tensor([3, 0, 5, 1, 4, 2])
-    first = mix_and_draw(teacher, theta, 500, MixingConfig(), seed=4, ranks=ranks)
+    keys = keys_for(6, 4)
+    first = mix_and_draw(teacher, theta, 500, MixingConfig(), keys)
     order = torch.tensor([2, 0, 5, 3, 1, 4])
-    shuffled = mix_and_draw(teacher[order], theta[order], 500, MixingConfig(), seed=4,
-                            ranks=ranks[order])
+    shuffled = mix_and_draw(teacher[order], theta[order], 500, MixingConfig(), keys[order])
     assert torch.equal(first.token_ids[order], shuffled.token_ids)
 
 
+def test_changing_one_rows_key_changes_only_that_rows_draw():
+    """Six copies of a near-uniform row over 500 tokens (a repeated token is then a 1-in-500
+    event, and the keys are fixed): a new key for row 2 gives it another token; the other
+    rows draw exactly what they drew."""
+    generator = torch.Generator(device=DEVICE).manual_seed(9)
+    teacher = (torch.randn(1, 500, generator=generator) * 0.1).expand(6, -1).contiguous()
+    theta = (torch.randn(1, 500, generator=generator) * 0.1).expand(6, -1).contiguous()
+    norms = fused_mixing.log_normalisers(teacher, theta, 500, 1.0)
+    alpha = torch.full((6,), 0.5)
+    keys = keys_for(6, 5)
+    first, *_ = fused_mixing.draw(teacher, theta, 500, 1.0, norms, alpha, keys)
+    keys[2] = keys_for(6, 6)[2]
+    second, *_ = fused_mixing.draw(teacher, theta, 500, 1.0, norms, alpha, keys)
+    others = torch.tensor([0, 1, 3, 4, 5])
+    assert torch.equal(first[others], second[others])
+    assert first[2] != second[2]
+
+
 def test_fused_draw_does_not_depend_on_chunking(fused_backend, monkeypatch):
-    """Gumbel scores are per (seed, rank, token), so splitting a row differently draws the same."""
+    """Gumbel scores are per (row key, token), so splitting a row differently draws the same."""
     generator = torch.Generator(device=DEVICE).manual_seed(3)
     teacher = torch.randn(5, 2000, generator=generator) * 3
     theta = torch.randn(5, 2000, generator=generator) * 3
@@ -126,8 +149,7 @@ def test_fused_draw_does_not_depend_on_chunking(fused_backend, monkeypatch):
     for chunk, block in ((8192, 1024), (256, 64)):
         monkeypatch.setattr(fused_mixing, "CHUNK", chunk)
         monkeypatch.setattr(fused_mixing, "BLOCK", block)
-        draws.append(mix_and_draw(teacher, theta, 2000, MixingConfig(), seed=6,
-                                  ranks=torch.arange(5)))
+        draws.append(mix_and_draw(teacher, theta, 2000, MixingConfig(), keys_for(5, 6)))
     assert torch.equal(draws[0].token_ids, draws[1].token_ids)
     assert torch.allclose(draws[0].alpha, draws[1].alpha, atol=1e-5)
 
@@ -176,8 +198,8 @@ def test_fused_path_on_rows_real_models_produce(fused_backend, chunking, method)
         config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0,
                               temperature=case.temperature)
         assert mixing._use_fused(case.teacher, config)
-        draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config, seed=3,
-                            ranks=torch.arange(case.teacher.shape[0]))
+        draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config,
+                            keys_for(case.teacher.shape[0], 3))
         assert_matches_reference(case, draw, config)
 
 
@@ -192,9 +214,27 @@ def test_fused_alpha_where_the_models_nearly_agree(fused_backend, method, bounds
     teacher, theta = near_identical_pairs(1500)
     config = MixingConfig(alpha_method=method, alpha_min=bounds[0], alpha_max=bounds[1])
     draw = mix_and_draw(torch.tensor(teacher, dtype=torch.float32),
-                        torch.tensor(theta, dtype=torch.float32), 1500, config, seed=2,
-                        ranks=torch.arange(len(teacher)))
+                        torch.tensor(theta, dtype=torch.float32), 1500, config,
+                        keys_for(len(teacher), 2))
     assert_alpha_within_derived_bounds(teacher, theta, draw.alpha, config, method)
+
+
+@pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance"])
+def test_float32_schedule_settles_separated_rows_and_hands_agreeing_ones_to_float64(method):
+    """Rows with Var_q(log t − log θ) ≥ 1 are settled by the float32 schedule (the fast path
+    must be the one taken); every near-identical row (Var ≤ 1e-4) goes to float64."""
+    generator = torch.Generator(device=DEVICE).manual_seed(13)
+    separated = torch.randn(6, 700, generator=generator) * 2
+    other = 0.5 * separated + torch.randn(6, 700, generator=generator) * 2
+    close_teacher, close_theta = near_identical_pairs(500)
+    for teacher, theta, expected in (
+            (separated, other, False),
+            (torch.tensor(close_teacher, dtype=torch.float32),
+             torch.tensor(close_theta, dtype=torch.float32), True)):
+        _, precise = fused_mixing.solve_alpha_in_tiers(
+            teacher, theta, teacher.shape[1], 1.0, method, 0.0, 1.0, 1e-6,
+            mixing.ROUNDING_SLACK, mixing.SMALL_RATIO, 0.5)
+        assert (precise != 0).tolist() == [expected] * teacher.shape[0]
 
 
 @pytest.mark.parametrize("method", ["kl_symmetry", "ess_balance", "fixed"])
@@ -203,7 +243,7 @@ def test_fused_path_reports_a_row_with_no_common_support(fused_backend, method):
     good = hard_cases()[3]
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
     draw = mix_and_draw(torch.cat([good.teacher, teacher]), torch.cat([good.theta, theta]),
-                        HARD_VOCAB, config, seed=1, ranks=torch.arange(5))
+                        HARD_VOCAB, config, keys_for(5, 1))
     assert unmixable_rows(draw.record().cpu().numpy()).tolist() == [4]
 
 
@@ -211,7 +251,7 @@ def test_fused_path_reports_a_row_with_no_common_support(fused_backend, method):
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["kl_symmetry", "fixed"])
 def test_graphed_mixing_repeats_the_eager_kernels_exactly(fused_backend, method):
-    """Replays (rows off the bucket, theta rows permuted, seeds changing, a second config)
+    """Replays (rows off the bucket, theta rows permuted, keys changing, a second config)
     give the eager kernels' tokens and records bit for bit."""
     generator = torch.Generator(device=DEVICE).manual_seed(5)
     rows, vocab = 37, 3_000
@@ -222,9 +262,9 @@ def test_graphed_mixing_repeats_the_eager_kernels_exactly(fused_backend, method)
         theta = (0.5 * teacher[:, :vocab].float()
                  + torch.randn(rows, vocab, generator=generator) * 2).bfloat16()
         order = torch.randperm(rows, generator=generator)
-        ranks = torch.randperm(rows, generator=generator)
-        expected = mix_and_draw(teacher, theta[order], vocab, config, seed, ranks)
+        keys = keys_for(rows, seed)
+        expected = mix_and_draw(teacher, theta[order], vocab, config, keys)
         assert graphed.applies(teacher, config)
-        draw, record = graphed(teacher, theta, order, config, seed, ranks)
+        draw, record = graphed(teacher, theta, order, config, keys)
         assert torch.equal(draw.token_ids, expected.token_ids)
         assert torch.equal(record, expected.record())

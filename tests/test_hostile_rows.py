@@ -17,6 +17,7 @@ import yaml
 
 from sampler.errors import ConfigError
 from tasks.config import DATASETS_DIR, DatasetConfig
+from tasks.generation import check_models, resolve_models
 from tasks.layout import DataDir
 from tasks.ledger import RunLedger
 from tasks.sql import connect
@@ -44,7 +45,7 @@ def row(question: str, answer: str = "#### 1", **extra) -> str:
 def stage(data: Path, config: DatasetConfig, day: date = DAY) -> list[StagedPrompt]:
     """The staging task, run (without a Prefect server) on the catalog under `data`."""
     ledger = RunLedger(DataDir(data), config, day, f"run{day:%m%d}00")
-    return stage_prompts.fn(ledger, config)
+    return stage_prompts.fn(ledger, config, check_models.fn(config, resolve_models(config)))
 
 
 def catalog_rows(data: Path, text: str) -> list[tuple]:

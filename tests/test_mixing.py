@@ -8,8 +8,9 @@ import torch
 
 from sampler.errors import ConfigError
 from sampler.mixing import (ALPHA_METHODS, MixedDraw, MixingConfig, compute_alpha,
-                            draw_from_log_probs, mix_and_draw, mixture_log_probs,
-                            teacher_support_mask, tempered_log_probs, unmixable_rows)
+                            draw_from_log_probs, draw_keys, mix_and_draw, mixture_log_probs,
+                            teacher_support_mask, tempered_log_probs, uniforms_of_keys,
+                            unmixable_rows)
 from sampler.reference import reference_alpha, reference_mixture
 from scipy.special import logsumexp
 from hard_rows import VOCAB as HARD_VOCAB
@@ -32,6 +33,11 @@ def random_pairs(seed: int) -> tuple[np.ndarray, np.ndarray]:
     close_teacher, close_theta = near_identical_pairs(VOCAB, seed)
     return (np.concatenate([teacher.astype(np.float32).astype(np.float64), close_teacher]),
             np.concatenate([theta.astype(np.float32).astype(np.float64), close_theta]))
+
+
+def keys_for(seed: int, rows: int) -> torch.Tensor:
+    """Draw keys of rows 0..rows-1 at position 0."""
+    return torch.from_numpy(draw_keys(seed, np.arange(rows), np.zeros(rows, dtype=np.int64)))
 
 
 def log_normalise(logits: np.ndarray) -> np.ndarray:
@@ -152,7 +158,7 @@ def test_draws_use_only_the_shared_vocabulary_of_differently_padded_models():
     theta = torch.randn(64, 310, generator=generator)
     teacher[:, VOCAB:] = 50.0
     theta[:, VOCAB:] = 50.0
-    draw = mix_and_draw(teacher, theta, VOCAB, MixingConfig(), seed=3, ranks=torch.arange(64))
+    draw = mix_and_draw(teacher, theta, VOCAB, MixingConfig(), keys_for(3, 64))
     assert int(draw.token_ids.max()) < VOCAB
     assert torch.all(draw.log_q <= 0) and torch.all(torch.isfinite(draw.log_q))
 
@@ -178,8 +184,8 @@ def test_rows_real_models_produce_match_float64_reference(case, method):
     models: α and the drawn token's log q, log t, log θ within 1e-4 of float64."""
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0, fixed_alpha=0.5,
                           temperature=case.temperature)
-    draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config, seed=1,
-                        ranks=torch.arange(case.teacher.shape[0]))
+    draw = mix_and_draw(case.teacher, case.theta, HARD_VOCAB, config,
+                        keys_for(1, case.teacher.shape[0]))
     assert_matches_reference(case, draw, config)
 
 
@@ -192,7 +198,7 @@ def test_a_row_with_no_common_support_is_reported_not_solved(method):
     teacher = torch.cat([good.teacher[:2], bad_teacher, good.teacher[2:]])
     theta = torch.cat([good.theta[:2], bad_theta, good.theta[2:]])
     config = MixingConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
-    draw = mix_and_draw(teacher, theta, HARD_VOCAB, config, seed=1, ranks=torch.arange(5))
+    draw = mix_and_draw(teacher, theta, HARD_VOCAB, config, keys_for(1, 5))
     assert unmixable_rows(draw.record().cpu().numpy()).tolist() == [2]
     keep = torch.tensor([0, 1, 3, 4])
     rest = MixedDraw(*(getattr(draw, name)[keep] for name in
@@ -221,3 +227,43 @@ def test_float64_inverse_cdf_reaches_a_token_of_mass_1e_12():
     assert draw_from_log_probs(log_q, torch.tensor([1.0 - 5e-13], dtype=torch.float64)
                                ).tolist() == [1]
     assert draw_from_log_probs(log_q, torch.tensor([0.5], dtype=torch.float64)).tolist() == [0]
+
+
+def test_draw_keys_are_non_negative_63_bit_and_each_part_changes_them():
+    """Vectorised keys equal the keys computed one at a time; changing the seed, the row key
+    or the position gives another key (no collisions among 30,000); all fit 63 bits."""
+    rows, positions = np.meshgrid(np.arange(100), np.arange(100), indexing="ij")
+    keys = draw_keys(7, rows.ravel(), positions.ravel())
+    assert keys.dtype == np.int64 and (keys >= 0).all()
+    assert keys[1234] == draw_keys(7, np.array([12]), np.array([34]))[0]
+    others = np.concatenate([keys, draw_keys(8, rows.ravel(), positions.ravel()),
+                             draw_keys(7, rows.ravel() + 100, positions.ravel())])
+    assert len(np.unique(others)) == others.size
+    assert draw_keys(-1, np.array([-5]), np.array([3]))[0] >= 0
+
+
+def test_uniforms_of_keys_are_uniform_on_the_unit_interval():
+    """Kolmogorov–Smirnov against U(0, 1) for 200,000 keys of consecutive positions (fixed
+    seed): the hash leaves no visible structure."""
+    from scipy.stats import kstest
+
+    keys = draw_keys(3, np.zeros(200_000, dtype=np.int64), np.arange(200_000))
+    uniforms = uniforms_of_keys(torch.from_numpy(keys)).numpy()
+    assert uniforms.dtype == np.float64 and ((uniforms >= 0) & (uniforms < 1)).all()
+    assert kstest(uniforms, "uniform").pvalue > 1e-3
+
+
+def test_a_rows_draw_depends_on_its_key_alone_not_on_the_batch():
+    """The same rows in another order, or a row alone, draw the same tokens with the same
+    keys (the torch path): nothing of the batch enters a row's draw."""
+    teacher, theta = (torch.tensor(x, dtype=torch.float32) for x in random_pairs(seed=31))
+    keys = keys_for(5, teacher.shape[0])
+    config = MixingConfig(alpha_min=0.0)
+    together = mix_and_draw(teacher, theta, VOCAB, config, keys).token_ids
+    order = torch.randperm(teacher.shape[0], generator=torch.Generator().manual_seed(2))
+    shuffled = mix_and_draw(teacher[order], theta[order], VOCAB, config, keys[order]).token_ids
+    assert torch.equal(shuffled, together[order])
+    for row in (0, 40, 100):
+        alone = mix_and_draw(teacher[row:row + 1], theta[row:row + 1], VOCAB, config,
+                             keys[row:row + 1]).token_ids
+        assert int(alone) == int(together[row])

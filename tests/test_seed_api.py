@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from sampler import ConfigError, MixingConfig, OptimalSamplingOutput, OptimalSamplingV1
-from sampler.api import (AlphaStats, MemoryFootprint, device_memory_bytes, model_footprint,
-                         save_alpha_history, split_memory_utilization)
+from sampler.api import (AlphaStats, MemoryFootprint, device_memory_bytes, engine_memory_shares,
+                         model_footprint, save_alpha_history, split_memory_utilization)
 from sampler.errors import BrokenPairError
 
 GIB = 2**30
@@ -230,6 +230,19 @@ def test_memory_split_gives_both_engines_their_weights_and_equal_token_room():
         split_memory_utilization(0.15, total, teacher, theta)
     with pytest.raises(ConfigError, match="gpu_memory_utilization: 1.2"):
         split_memory_utilization(1.2, total, teacher, theta)
+
+
+def test_engine_shares_given_for_both_engines_may_not_exceed_the_device():
+    teacher = MemoryFootprint(weight_bytes=15_231_233_024, kv_bytes_per_token=57_344)
+    theta = MemoryFootprint(weight_bytes=988_065_536, kv_bytes_per_token=12_288)
+    total = 143_771_140_096
+    assert engine_memory_shares(0.85, total, teacher, theta, 0.6, 0.35) == (0.6, 0.35)
+    with pytest.raises(ConfigError, match=r"teacher_engine_args.gpu_memory_utilization 0.7 and "
+                                          r"theta_engine_args.gpu_memory_utilization 0.4 sum "
+                                          r"to 1.1: both engines share one device"):
+        engine_memory_shares(0.85, total, teacher, theta, 0.7, 0.4)
+    with pytest.raises(ConfigError, match=r"^gpu_memory_utilization: 1.2 is outside"):
+        engine_memory_shares(1.2, total, teacher, theta, 0.5)
 
 
 def test_engines_get_the_split_and_the_footprint_matches_vllms_kv_cache(sampler, tiny_pair):
