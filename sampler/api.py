@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from jinja2 import TemplateError
 
 from sampler.errors import BrokenPairError, ConfigError
 from sampler.lockstep import LockstepPair, PairRequest, PairTrace
@@ -413,7 +414,13 @@ class OptimalSamplingV1:
                     error = error or f"row {index}: {role} prompt {problem}"
                     rendered.append([])
                     continue
-                ids = render_prompt_ids(tokenizer, prompt, prompt_format)
+                try:
+                    ids = render_prompt_ids(tokenizer, prompt, prompt_format)
+                except TemplateError as refused:
+                    # e.g. "Conversation roles must alternate user/assistant/user/assistant"
+                    error = error or f"row {index}: {role} chat template refused it: {refused}"
+                    rendered.append([])
+                    continue
                 if len(ids) >= engine.max_model_len:
                     turns = "" if isinstance(prompt, str) else f" ({len(prompt)} turns)"
                     error = error or (f"row {index}: {role} prompt{turns} has {len(ids)} "

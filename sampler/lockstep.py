@@ -624,20 +624,23 @@ class LockstepPair:
                 for role, engine in engines.items()}
         while queue and len(active) < self.max_active:
             slot = queue[0]
-            request = self._resumable(run, slot)
-            prompts = {"teacher": request.teacher_prompt_ids, "theta": request.theta_prompt_ids}
-            needs = {role: math.ceil((len(prompts[role]) + 1) / engine.block_size)
+            # from the lengths alone: the resumed prompt is built only for a pair that fits
+            lengths = {role: int(pairs.prompt[role][slot] + pairs.recorded[slot])
+                       for role in engines}
+            needs = {role: math.ceil((lengths[role] + 1) / engine.block_size)
                      for role, engine in engines.items()}
             fits = all(
                 held[role] + needs[role]
                 + (math.ceil(KV_WATERMARK * engine.num_kv_blocks) if active else 0)
                 <= self.usable_blocks(engine)
-                and (len(active) - len(admitted)) + prefill[role] + len(prompts[role])
+                and (len(active) - len(admitted)) + prefill[role] + lengths[role]
                 <= engine.max_batched_tokens
                 for role, engine in engines.items())
             if not fits:
                 break
             queue.popleft()
+            request = self._resumable(run, slot)
+            prompts = {"teacher": request.teacher_prompt_ids, "theta": request.theta_prompt_ids}
             request_id = pairs.request_id(slot)
             for role, engine in engines.items():
                 engine.add_request(request_id, prompts[role], request.max_tokens,

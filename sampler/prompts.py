@@ -9,6 +9,7 @@ same token string behind every id of the shared vocabulary, and stop tokens insi
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,3 +185,8 @@ def render_prompt_ids(tokenizer: Any, prompt: Prompt, prompt_format: PromptForma
     if prompt_format.system_prompt:
         text = f"{prompt_format.system_prompt}\n\n{text}"
     return list(tokenizer(text)["input_ids"])
+
+
+def stored_prompt(prompt: Prompt) -> str:
+    """A prompt as the warehouse and the shards store it: its text, or its turns as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)

@@ -14,11 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from sampler.prompts import stored_prompt
 from sampler.soft_targets import SOFT_TARGET_COLUMNS
 from tasks.config import DatasetConfig
 from tasks.lineage import Generation
 from tasks.planning import Shard
-from tasks.staging import stored_prompt
 
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("content_hash", pa.string()),

@@ -19,7 +19,8 @@ from prefect import task
 
 from sampler.errors import ConfigError
 from sampler.models import ResolvedModel
-from sampler.prompts import Conversation, Prompt, control_token_strings, conversation_problem
+from sampler.prompts import (Conversation, Prompt, control_token_strings, conversation_problem,
+                             stored_prompt)
 from tasks.config import DatasetConfig, SourceConfig
 from tasks.ledger import RunLedger
 from tasks.sql import connect
@@ -192,11 +193,6 @@ def read_source(config: DatasetConfig, catalog: Path | None = None
     return frame, rejects
 
 
-def stored_prompt(prompt: Prompt) -> str:
-    """A prompt as the warehouse and the shards store it: its text, or its turns as JSON."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
-
-
 def prompt_chars(prompt: Prompt) -> int:
     """Characters of a prompt's text, over every turn of a conversation."""
     return len(prompt) if isinstance(prompt, str) else sum(len(t["content"]) for t in prompt)
@@ -325,6 +321,8 @@ def staged_conversation(value: Any, config: DatasetConfig, screen: TextScreen
     column = config.prompts.messages_column
     if isinstance(value, np.ndarray):  # a list column of a Parquet or DuckDB source
         value = value.tolist()
+    if is_null(value):
+        return None, f"field '{column}' is missing (NULL)"
     # the two models' formats differ in their system prompts only, which it does not read
     problem = conversation_problem(value, config.prompts.formats()[1])
     if problem:

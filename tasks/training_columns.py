@@ -82,7 +82,7 @@ def prompt_and_generated(prompt_ids: pa.ChunkedArray, generated_ids: pa.ChunkedA
 
 def student_history(theta_prompt: str, prompts: PromptConfig) -> Conversation:
     """The turns the student's chat template rendered (`sampler.prompts.chat_messages`) from
-    a shard's `theta_prompt`: a text, or a conversation stored as JSON (`stored_prompt`)."""
+    a shard's `theta_prompt`: a text, or a conversation stored as JSON (`sampler.prompts.stored_prompt`)."""
     prompt = json.loads(theta_prompt) if prompts.messages_column else theta_prompt
     return chat_messages(prompt, prompts.formats()[1])
 

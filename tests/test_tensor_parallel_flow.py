@@ -20,11 +20,10 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import distill
 from sampler import OptimalSamplingOutput, OptimalSamplingV1
-from sampler.prompts import PromptFormat
 from tasks.config import DATASETS_DIR, load_dataset_config
 from tasks.engines import ENGINES
 from tasks.generation import resolve_models
-from tasks.shard_rows import sampler_arguments
+from tasks.shard_rows import row_key, sampler_arguments
 from test_tensor_parallel import even_head_teacher
 
 ROWS, NEW_TOKENS = 4, 12
@@ -69,8 +68,8 @@ def flow_rows(directory: Path, dataset_path: str) -> list[dict]:
 
 
 def one_rank_rows(dataset_path: str, rows: list[dict]) -> OptimalSamplingOutput:
-    """What the dataset's engines at one rank generate for the published rows' prompts and
-    seed (the flow's shard, generated outside it)."""
+    """What the dataset's engines at one rank generate for the published rows' prompts,
+    seed and draw keys (the flow's shard, generated outside it)."""
     config = load_dataset_config(dataset_path)
     seeds = {row["seed"] for row in rows}
     assert len(seeds) == 1, "one shard, one seed"
@@ -80,14 +79,14 @@ def one_rank_rows(dataset_path: str, rows: list[dict]) -> OptimalSamplingOutput:
         patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
         sampler = OptimalSamplingV1(*resolve_models(config), **arguments)
     try:
+        teacher_format, theta_format = config.prompts.formats()
         return sampler.generate(
             [row["teacher_prompt"] for row in rows], [row["theta_prompt"] for row in rows],
             max_tokens=config.sampling.max_tokens, seed=seeds.pop(), show_progress=False,
-            mixing=config.sampling.mixing(),
-            teacher_format=PromptFormat(config.prompts.teacher_system,
-                                        config.prompts.chat_template),
-            theta_format=PromptFormat(config.prompts.theta_system,
-                                      config.prompts.chat_template))
+            mixing=config.sampling.mixing(), teacher_format=teacher_format,
+            theta_format=theta_format,
+            row_keys=[row_key(row["prompt_id"], row["content_hash"], row["sample_index"])
+                      for row in rows])
     finally:
         sampler.cleanup()
 
@@ -98,9 +97,9 @@ def teacher(tiny_pair, tmp_path_factory) -> Path:
 
 
 def test_a_two_rank_teacher_publishes_the_rows_one_rank_generates(teacher, tmp_path):
-    """Every published row of the flow at two ranks against the same prompts and seed at
-    one rank. (Not against the flow at one rank: the shard's seed derives from the
-    generation key, which holds the engine settings, so that run draws with another seed.)"""
+    """Every published row of the flow at two ranks against the same prompts, seed and row
+    keys at one rank, generated outside the flow (the engines that differ are the whole
+    point; a flow at one rank would add only a second Prefect run to the CPU's load)."""
     dataset_path = dataset(tmp_path, teacher, {"tensor_parallel_size": 2})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
