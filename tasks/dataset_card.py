@@ -295,7 +295,10 @@ def render_card(parts: list[CardPart], table: pa.Table, data_files: list[str],
         "| `prompt`, `completion` | the same, split for TRL's prompt-completion form |",
         "| `input_ids`, `labels` | `theta_prompt_ids` + `token_ids`; labels -100 over the prompt |",
         "| `log_importance_weight` | Σ over tokens of log θ(y) − log q(y) |",
-        "| `alpha`, `log_q`, `log_teacher`, `log_theta` | per generated token |",
+        "| `alpha`, `log_q`, `log_teacher`, `log_theta` | per generated token: α, and the "
+        "log-prob of the sampled token under the mixture q (the behaviour policy: what "
+        "importance-sampled and off-policy trainers, e.g. veRL's rollout correction, read as "
+        "rollout log-probs), the teacher and the student θ |",
         "| `truncated` | stopped at `max_tokens` (`finish_reason = length`) |",
         "| `completion_text`, `theta_prompt`, `teacher_prompt` | texts; `*_prompt_ids` the "
         "exact ids each model read |",

@@ -147,21 +147,17 @@ def test_rerun_with_nothing_changed_generates_nothing_and_publishes_identical_ro
     assert sql(data_dir, "SELECT count(*) FROM published") == [(12,)]
 
 
-def test_another_shard_size_publishes_the_same_samples(first_run, demo, tmp_path):
-    """A sample's draws are keyed by the round's seed, its own key and the token position,
-    so one shard of 12 draws what three of 4 drew. The forward pass rounds differently in
-    another batch shape: each run's log-probs are within 1e-4 of the float64 reference
-    (tests/test_sampler_engine.py), so two runs of the same tokens are within 2e-4."""
+def assert_same_samples(first_run: tuple[Path, dict], other_dir: Path, other: dict) -> None:
+    """Every published sample of `other` has the first run's tokens and seed, and log-probs
+    within 2e-4: the forward pass rounds differently in another batch shape, and each run is
+    within 1e-4 of the float64 reference (tests/test_sampler_engine.py)."""
     data_dir, summary = first_run
-    other = run(demo, tmp_path / "data", shard_size=12)
-    assert other["shards_ok"] == 1 and other["generation"] == summary["generation"]
     columns = ["prompt_id", "sample_index", "token_ids", "log_q", "log_teacher", "log_theta",
                "seed"]
     first, second = ({(row["prompt_id"], row["sample_index"]): row
                       for row in pq.read_table(partition_of(folder, run_summary),
                                                columns=columns).to_pylist()}
-                     for folder, run_summary in ((data_dir, summary),
-                                                 (tmp_path / "data", other)))
+                     for folder, run_summary in ((data_dir, summary), (other_dir, other)))
     assert first.keys() == second.keys() and len(first) == 12
     for key, row in first.items():
         assert row["token_ids"] == second[key]["token_ids"], key
@@ -169,6 +165,24 @@ def test_another_shard_size_publishes_the_same_samples(first_run, demo, tmp_path
         for column in ("log_q", "log_teacher", "log_theta"):
             assert max(abs(a - b) for a, b in zip(row[column], second[key][column])) <= 2e-4, \
                 (key, column)
+
+
+def test_another_shard_size_publishes_the_same_samples(first_run, demo, tmp_path):
+    """A sample's draws are keyed by the round's seed, its own key and the token position,
+    so one shard of 12 draws what three of 4 drew, in the same generation."""
+    other = run(demo, tmp_path / "data", shard_size=12)
+    assert other["shards_ok"] == 1 and other["generation"] == first_run[1]["generation"]
+    assert_same_samples(first_run, tmp_path / "data", other)
+
+
+def test_another_max_num_seqs_draws_the_same_tokens(first_run, tmp_path):
+    """Two sequences at a time instead of 16: another generation (engine settings are in
+    its key, as a setting that could change the data must be), the same samples."""
+    path = tmp_path / "demo.yaml"
+    path.write_text(demo_text().replace("max_num_seqs: 16", "max_num_seqs: 2"))
+    other = run(str(path), tmp_path / "data")
+    assert other["generation"] != first_run[1]["generation"]
+    assert_same_samples(first_run, tmp_path / "data", other)
 
 
 def test_rerun_after_a_shard_is_lost_regenerates_only_that_shard(first_run, demo):

@@ -135,7 +135,9 @@ def test_the_partition_card_holds_the_resolved_config_counts_and_histogram(publi
                  "`kl_symmetry`, clamped to [0.5, 1.0]", "max_tokens 256", "seed 1234",
                  f"python -m flows.distill --dataset demo --run-date {RUN_DATE} --shard-size 4",
                  "| 0.500–0.550 |", f"| {RUN_DATE} | `{published['summary']['generation']}` | 12 |",
-                 "passed (3/3 expectations)", "3 / 0 / 0"):
+                 "passed (3/3 expectations)", "3 / 0 / 0",
+                 "the mixture q (the behaviour policy: what importance-sampled and off-policy "
+                 "trainers, e.g. veRL's rollout correction, read as rollout log-probs)"):
         assert text in card, text
     tokens = sum(len(a) for a in table["alpha"].to_pylist())
     assert f"{tokens:,} tokens: mean" in card
